@@ -1,0 +1,89 @@
+"""DreamBooth with prior preservation — the attacker of the Anti-DreamBooth benchmark.
+
+attack.md §1a: SD 2.1-base, UNet and text encoder trained, lr 5e-7 constant, batch 2 instance + 2
+class images, 1000 steps, 200 class images with λ = 1, grad clip 1.0. The training step is the
+shared one in ``cloak.diffusion.dreambooth``.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+
+from cloak.attack.base import AttackMethod, AttackResult, GenerationOptions
+from cloak.diffusion import LatentCache
+from cloak.diffusion.class_images import class_images
+from cloak.diffusion.dreambooth import DreamBoothConfig, DreamBoothTrainer
+from cloak.io.images import ImageSet
+
+
+class DreamBoothOptions(GenerationOptions):
+    steps: int = Field(1000, ge=0, description="training steps")
+    lr: float = Field(5e-7, gt=0, description="learning rate (AdamW, constant)")
+    batch_size: int = Field(2, ge=1, description="instance images per step (as many class images join)")
+    prior_weight: float = Field(1.0, ge=0, description="prior-preservation weight λ")
+    class_images: int = Field(200, ge=0, description="class images (0 = no prior preservation)")
+    class_image_steps: int = Field(50, ge=1, description="sampling steps used to make the class images")
+    instance_prompt: str = Field("a photo of sks person", description="instance prompt")
+    class_prompt: str = Field("a photo of person", description="class prompt")
+    train_text_encoder: bool = Field(True, description="also fine-tune the text encoder")
+
+
+class DreamBooth(AttackMethod):
+    paper = "Ruiz et al., DreamBooth, CVPR 2023; protocol of Anti-DreamBooth train_dreambooth.py"
+    implements = "full fine-tune with prior preservation, shuffled batches, fp32 master weights"
+
+    Options = DreamBoothOptions
+
+    def train(self, images: ImageSet, sd, unet, text_encoder, cfg: DreamBoothConfig) -> AttackResult:
+        ctx, o = self.ctx, self.opts
+        class_latents = None
+        if o.class_images > 0 and o.prior_weight > 0:
+            cls = class_images(sd, o.class_prompt, o.class_images, ctx.cache_dir, steps=o.class_image_steps,
+                               resolution=ctx.resolution)
+            class_latents = LatentCache.encode(sd.vae, cls.to(ctx.device, sd.vae.dtype))
+        instances = LatentCache.encode(sd.vae, images.pixels.to(ctx.device, sd.vae.dtype))
+        trainer = DreamBoothTrainer(sd, unet, text_encoder, cfg, class_latents=class_latents,
+                                    generator=ctx.generator)
+        steps = ctx.iters(o.steps)
+        batch = min(o.batch_size, len(instances))
+        losses = []
+        order = torch.randperm(len(instances), generator=ctx.generator).tolist()
+        cls_order = torch.randperm(len(class_latents), generator=ctx.generator).tolist() if class_latents else []
+        cursor = cls_cursor = 0
+        with ctx.progress.task(f"{self.name} training", steps) as bar:
+            for _ in range(steps):
+                idx = []
+                for _ in range(batch):  # shuffled epochs, as a DataLoader with shuffle=True
+                    if cursor == len(order):
+                        order, cursor = torch.randperm(len(instances), generator=ctx.generator).tolist(), 0
+                    idx.append(order[cursor])
+                    cursor += 1
+                cls_idx = None
+                if cls_order:
+                    cls_idx = []
+                    for _ in range(batch):
+                        if cls_cursor == len(cls_order):
+                            cls_order, cls_cursor = torch.randperm(len(class_latents),
+                                                                   generator=ctx.generator).tolist(), 0
+                        cls_idx.append(cls_order[cls_cursor])
+                        cls_cursor += 1
+                loss = trainer.step(instances.sample(idx, ctx.generator), cls_idx)
+                losses.append(loss)
+                bar.advance(1, status=f"loss {loss:.4f}")
+        trainer.freeze()
+        tail = losses[-max(1, len(losses) // 10):]
+        return AttackResult(unet, text_encoder, summary={
+            "train_steps": steps, "first_loss": losses[0] if losses else None,
+            "final_loss_mean_last_10pct": sum(tail) / len(tail) if losses else None})
+
+    def config(self) -> DreamBoothConfig:
+        o = self.opts
+        return DreamBoothConfig(lr=o.lr, prior_weight=o.prior_weight, train_text_encoder=o.train_text_encoder,
+                                instance_prompt=o.instance_prompt, class_prompt=o.class_prompt,
+                                bf16_weights=self.ctx.compat)
+
+    def __call__(self, images: ImageSet) -> AttackResult:
+        sd = self.ctx.models.sd(self.ctx.model, role="base")
+        unet, text_encoder = sd.trainable_copy()
+        return self.train(images, sd, unet, text_encoder, self.config())

@@ -1,0 +1,132 @@
+"""``cloak models``: the shared model cache (list, pull, path, verify, rm)."""
+
+from __future__ import annotations
+
+import shutil
+from typing import Annotated, Optional
+
+import typer
+
+from cloak.cli import _output
+from cloak.cli._options import CacheOpt, JsonOpt
+
+app = typer.Typer(no_args_is_help=True, help="Manage the shared model cache. Only `pull` touches the network.",
+                  epilog="Examples:\n\n  cloak models list\n\n  cloak models pull sd21-base retinaface-r50 "
+                         "arcface-irse50\n\n  cloak models verify sd21-base\n\n  cloak models path tiny-sd")
+
+
+def _cache(cache_dir: str | None):
+    from cloak.config import cache_dir as resolve
+
+    return resolve(cache_dir)
+
+
+@app.command("list")
+def list_models(cache_dir: CacheOpt = None, as_json: JsonOpt = False) -> None:
+    """List known model ids, their licence and whether they are in the cache."""
+    from cloak.models.cache import is_complete, model_dir
+    from cloak.models.catalog import CATALOG
+
+    cache = _cache(cache_dir)
+    rows = []
+    for spec in CATALOG.values():
+        present = is_complete(model_dir(cache, spec.id))
+        pinned = all(f.sha256 for f in spec.files) and bool(spec.files)
+        rows.append({"id": spec.id, "kind": spec.kind, "status": "built-in" if spec.builtin else
+                     ("cached" if present else "missing"), "licence": spec.licence,
+                     "non_commercial": spec.non_commercial, "source": spec.source, "revision": spec.revision,
+                     "checksum": "pinned" if pinned else ("n/a" if spec.builtin else "recorded at pull"),
+                     "stand_in": spec.stand_in, "description": spec.description, "notes": spec.notes})
+    if as_json:
+        _output.data_json(rows)
+        return
+    for r in rows:
+        _output.data(f"{r['id']}\t{r['status']}\t{r['kind']}\t{r['licence']}")
+    from rich.table import Table
+
+    t = Table(show_edge=False)
+    for col in ("id", "status", "licence", "description"):
+        t.add_column(col)
+    for r in rows:
+        lic = r["licence"] + (" [bold red](NON-COMMERCIAL)[/bold red]" if r["non_commercial"] else "")
+        t.add_row(r["id"], r["status"], lic, r["description"])
+    _output.err.print(t)
+    _output.err.print(f"cache: {cache}")
+
+
+@app.command("pull")
+def pull(
+    ids: Annotated[list[str], typer.Argument(metavar="ID...", help="Model ids to download.")],
+    cache_dir: CacheOpt = None,
+) -> None:
+    """Download models into the cache (checksums verified where pinned, recorded otherwise)."""
+    from cloak.models.cache import pull as do_pull
+
+    cache = _cache(cache_dir)
+    for model_id in ids:
+        path = do_pull(cache, model_id, progress=lambda msg: _output.err.print(msg))
+        _output.data(str(path))
+
+
+@app.command("path")
+def path(model_id: Annotated[str, typer.Argument(metavar="ID")], cache_dir: CacheOpt = None) -> None:
+    """Print the local directory of a cached (or built-in) model; exit 4 if it is missing."""
+    from cloak.models.cache import resolve_path
+
+    _output.data(str(resolve_path(_cache(cache_dir), model_id)))
+
+
+@app.command("verify")
+def verify(
+    ids: Annotated[Optional[list[str]], typer.Argument(metavar="[ID...]", help="Default: every cached model.")] = None,
+    cache_dir: CacheOpt = None,
+) -> None:
+    """Re-hash cached files against the recorded or pinned digests; exit 1 on a mismatch."""
+    from cloak.errors import CloakError
+    from cloak.models.cache import is_complete, model_dir
+    from cloak.models.cache import verify as do_verify
+    from cloak.models.catalog import CATALOG
+
+    cache = _cache(cache_dir)
+    targets = ids or [i for i in CATALOG if is_complete(model_dir(cache, i))]
+    bad = 0
+    for model_id in targets:
+        problems = do_verify(cache, model_id)
+        _output.data(f"{model_id}\t{'ok' if not problems else 'FAILED'}")
+        for p in problems:
+            _output.err.print(f"  {model_id}: {p}")
+        bad += bool(problems)
+    if bad:
+        raise CloakError(f"{bad} model(s) failed verification")
+
+
+@app.command("rm")
+def rm(
+    ids: Annotated[list[str], typer.Argument(metavar="ID...")],
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only say what would be removed.")] = False,
+    cache_dir: CacheOpt = None,
+) -> None:
+    """Remove models from the cache."""
+    from cloak.errors import UsageError
+    from cloak.models.cache import model_dir, spec_or_error
+
+    cache = _cache(cache_dir)
+    for model_id in ids:
+        spec_or_error(model_id)
+        target = model_dir(cache, model_id)
+        if not target.exists():
+            _output.err.print(f"{model_id}: not in the cache")
+            continue
+        if dry_run:
+            _output.data(f"would remove {target}")
+            continue
+        if not yes:
+            import sys
+
+            if not sys.stdin.isatty():
+                raise UsageError(f"refusing to remove {target} without --yes (stdin is not a terminal)")
+            if not typer.confirm(f"remove {target}?"):
+                continue
+        shutil.rmtree(target)
+        _output.data(f"removed {target}")

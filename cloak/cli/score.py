@@ -1,0 +1,108 @@
+"""``cloak score``: metrics with gates, for papers' tables and CI exit codes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from cloak.cli import _options as O  # noqa: N812
+from cloak.cli import _output
+from cloak.cli._run import common, stop_progress
+
+HELP = """Score the images of GENERATED (e.g. `cloak attack`'s OUTPUT/gen) against clean photos.
+
+Prints one `metric<TAB>mean` line per metric on stdout (or the full report with --json), and a
+table on stderr. Gates (--fail-if, repeatable, or [score].fail_if in cloak.toml) make the exit
+code 6 when their expression is true, naming each failed gate.
+
+Gate expressions: METRIC[.mean|.std|.n] OP NUMBER, joined with `and` / `or`; OP is one of
+< <= > >= == !=. Example: 'ism>0.35 or fdfr<0.5'.
+"""
+
+EPILOG = """Examples:
+
+  cloak score attacked/gen --ref photos/ --metric ism --metric fdfr
+
+  cloak score attacked/gen --ref photos/ --fail-if 'ism>0.35' --fail-if 'fdfr<0.5'   (CI gate: exit 6)
+
+  cloak score protected/ --ref photos/ --metric psnr --metric ssim --metric linf --json
+
+  cloak methods score                       (every metric, its direction and range)
+"""
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("score", help=HELP, epilog=EPILOG, no_args_is_help=True)
+    def score(
+        generated_dir: Annotated[Path, typer.Argument(metavar="GENERATED", help="Images to score.")],
+        ref: Annotated[Optional[Path], typer.Option("--ref", help="Clean reference photos of the subject.")] = None,
+        metric: Annotated[Optional[list[str]], typer.Option("--metric", help="Metric (repeatable, or comma "
+                                                            "separated); default: fdfr, ism.")] = None,
+        fail_if: Annotated[Optional[list[str]], typer.Option("--fail-if", metavar="EXPR", help="Fail (exit 6) "
+                                                             "when EXPR is true; repeatable.")] = None,
+        report: Annotated[Optional[Path], typer.Option("--report", help="Also write the JSON report to this "
+                                                       "file.")] = None,
+        tiny: O.TinyOpt = False,
+        seed: O.SeedOpt = None,
+        device: O.DeviceOpt = None,
+        option: Annotated[Optional[list[str]], typer.Option("--option", "-o", metavar="METRIC.KEY=VALUE",
+                                                            help="Metric option (repeatable).")] = None,
+        config: O.ConfigOpt = None,
+        cache_dir: O.CacheOpt = None,
+        as_json: O.JsonOpt = False,
+        jsonl: O.JsonlOpt = False,
+        quiet: O.QuietOpt = False,
+        verbose: O.VerboseOpt = 0,
+        keep_going: O.KeepGoingOpt = False,
+    ) -> None:
+        from cloak.api import run_score
+        from cloak.errors import CloakError
+
+        metrics = [m.strip() for item in (metric or []) for m in item.split(",") if m.strip()]
+        c = common(tiny=tiny, seed=seed, device=device, option=option, keep_going=keep_going, config=config,
+                   cache_dir=cache_dir, quiet=quiet, verbose=verbose, jsonl=jsonl)
+        try:
+            result = run_score(generated_dir, ref=str(ref) if ref else None, metrics=metrics or None,
+                               fail_if=fail_if, report_path=str(report) if report else None, common=c)
+        except CloakError as exc:
+            stop_progress(c)
+            if getattr(exc, "report", None) is not None:
+                _render(exc.report, as_json, quiet)
+            raise
+        finally:
+            stop_progress(c)
+        _render(result, as_json, quiet)
+
+
+def _render(report, as_json: bool, quiet: bool) -> None:
+    table = report.summary["metrics"]
+    if as_json:
+        _output.data(report.to_json())
+    else:
+        for name, row in table.items():
+            _output.data(f"{name}\t{_num(row['mean'])}")
+    if quiet:
+        return
+    from rich.table import Table
+
+    t = Table(title=None, show_edge=False)
+    for col in ("metric", "mean", "std", "n", "better", "range"):
+        t.add_column(col)
+    for name, row in table.items():
+        lo, hi = row["range"]
+        t.add_row(name, _num(row["mean"]), _num(row["std"]), str(row["n"]), "lower" if row["lower_better"] else
+                  "higher", f"[{_num(lo)}, {_num(hi)}]")
+    _output.err.print(t)
+    for g in report.summary.get("gates", []):
+        mark = "[red]FAIL[/red]" if g["failed"] else "[green]pass[/green]"
+        _output.err.print(f"{mark} {g['gate']}  ({g['values']})")
+    for w in report.warnings:
+        _output.err.print(f"[yellow]warning:[/yellow] {w}")
+
+
+def _num(v) -> str:
+    if v is None:
+        return "—"
+    return f"{v:.4g}" if isinstance(v, float) else str(v)

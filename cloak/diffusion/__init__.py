@@ -1,0 +1,16 @@
+"""Shared diffusion math, written once: every method that fine-tunes or attacks uses these."""
+
+from cloak.diffusion.loss import (
+    LatentCache,
+    denoising_loss,
+    encode_latents,
+    encode_prompts,
+    sample_noise,
+    sample_timesteps,
+    training_target,
+)
+
+__all__ = [
+    "LatentCache", "denoising_loss", "encode_latents", "encode_prompts", "sample_noise", "sample_timesteps",
+    "training_target",
+]

@@ -1,0 +1,107 @@
+"""The denoising loss L_dn (protect.md §0) and the encoders around it.
+
+Random draws (t, ε, posterior samples) come from an explicit CPU ``torch.Generator`` and are moved
+to the device, so a seed gives the same numbers on every device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+def sample_noise(shape, generator: torch.Generator, device, dtype=torch.float32) -> torch.Tensor:
+    return torch.randn(tuple(shape), generator=generator, dtype=torch.float32).to(device, dtype)
+
+
+def sample_timesteps(n: int, num_train_timesteps: int, generator: torch.Generator, device) -> torch.Tensor:
+    return torch.randint(0, num_train_timesteps, (n,), generator=generator).to(device)
+
+
+def encode_prompts(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
+    """CLIP hidden states (B×77×D), ``max_length`` padding, no attention mask (as SD training does)."""
+    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    return text_encoder(ids.to(text_encoder.device))[0]
+
+
+def encode_latents(vae, pixels: torch.Tensor, generator: torch.Generator | None = None, *, sample: bool = True):
+    """``s·E(x)``: a posterior sample (or the mean) scaled by the VAE's scaling factor."""
+    dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+    if sample:
+        z = dist.mean + dist.std * sample_noise(dist.mean.shape, generator, dist.mean.device, dist.mean.dtype)
+    else:
+        z = dist.mean
+    return z * vae.config.scaling_factor
+
+
+@dataclass
+class LatentCache:
+    """Posterior (mean, std) of images that never change, encoded once; fresh samples on demand.
+
+    Sampling ``mean + std·n`` from the cached posterior is exactly a new ``latent_dist.sample()``, at
+    none of the VAE cost (ARCHITECTURE §7: encode clean and class images once).
+    """
+
+    mean: torch.Tensor
+    std: torch.Tensor
+    scaling: float
+
+    @classmethod
+    @torch.no_grad()
+    def encode(cls, vae, pixels: torch.Tensor, batch_size: int = 8) -> LatentCache:
+        means, stds = [], []
+        for start in range(0, len(pixels), batch_size):
+            dist = vae.encode(pixels[start:start + batch_size].to(vae.device, vae.dtype)).latent_dist
+            means.append(dist.mean)
+            stds.append(dist.std)
+        return cls(torch.cat(means), torch.cat(stds), vae.config.scaling_factor)
+
+    def __len__(self) -> int:
+        return len(self.mean)
+
+    def sample(self, index, generator: torch.Generator) -> torch.Tensor:
+        mean, std = self.mean[index], self.std[index]
+        return (mean + std * sample_noise(mean.shape, generator, mean.device, mean.dtype)) * self.scaling
+
+
+def training_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """ε for ε-prediction models, v = √ᾱ ε − √(1−ᾱ) z for v-prediction models."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    raise ValueError(f"unsupported prediction_type {kind!r}")
+
+
+def denoising_loss(
+    unet,
+    scheduler,
+    latents: torch.Tensor,
+    text_states: torch.Tensor,
+    generator: torch.Generator,
+    *,
+    timesteps: torch.Tensor | None = None,
+    noise: torch.Tensor | None = None,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """``mean((f_θ(z_t, t, c) − target)²)`` with t ~ U{0..T−1} and ε ~ N(0, I) per image.
+
+    ``reduction="none"`` returns the per-image mean (B,), for methods that weight images.
+    """
+    n = latents.shape[0]
+    if noise is None:
+        noise = sample_noise(latents.shape, generator, latents.device, latents.dtype)
+    if timesteps is None:
+        timesteps = sample_timesteps(n, scheduler.config.num_train_timesteps, generator, latents.device)
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    if text_states.shape[0] != n:
+        text_states = text_states.expand(n, *text_states.shape[1:])
+    pred = unet(noisy, timesteps, text_states).sample
+    target = training_target(scheduler, latents, noise, timesteps)
+    err = F.mse_loss(pred.float(), target.float(), reduction="none")
+    per_image = err.flatten(1).mean(1)
+    return per_image if reduction == "none" else per_image.mean()

@@ -1,0 +1,93 @@
+"""Sampling from (possibly fine-tuned) SD components through diffusers' pipeline."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger("cloak.diffusion")
+
+SAMPLERS = ("default", "ddim", "pndm", "dpm", "euler", "ddpm")
+
+
+def make_scheduler(sd, sampler: str):
+    """The model's own scheduler config loaded into the requested sampler class."""
+    from diffusers import (
+        DDIMScheduler,
+        DDPMScheduler,
+        DPMSolverMultistepScheduler,
+        EulerDiscreteScheduler,
+        PNDMScheduler,
+    )
+    from diffusers.schedulers import KarrasDiffusionSchedulers  # noqa: F401 (import check)
+
+    classes = {"ddim": DDIMScheduler, "pndm": PNDMScheduler, "dpm": DPMSolverMultistepScheduler,
+               "euler": EulerDiscreteScheduler, "ddpm": DDPMScheduler}
+    config_path = Path(sd.path) / "scheduler"
+    if sampler == "default":
+        import diffusers
+
+        cfg = json.loads((config_path / "scheduler_config.json").read_text())
+        cls = getattr(diffusers, cfg.get("_class_name", "PNDMScheduler"), PNDMScheduler)
+        return cls.from_pretrained(config_path, local_files_only=True)
+    return classes[sampler].from_pretrained(config_path, local_files_only=True)
+
+
+def build_pipeline(sd, unet=None, text_encoder=None, sampler: str = "default"):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=sd.vae, text_encoder=text_encoder or sd.text_encoder, tokenizer=sd.tokenizer, unet=unet or sd.unet,
+        scheduler=make_scheduler(sd, sampler), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def generate(
+    pipe,
+    prompt: str,
+    seeds: list[int],
+    *,
+    steps: int,
+    guidance: float,
+    resolution: int,
+    negative_prompt: str | None = None,
+    batch_size: int = 4,
+    on_image: Callable[[int, np.ndarray], None] | None = None,
+) -> list[np.ndarray]:
+    """One uint8 H×W×3 image per seed (seed i → ``torch.Generator().manual_seed(i)``), batched."""
+    images: list[np.ndarray] = []
+    for start in range(0, len(seeds), batch_size):
+        chunk = seeds[start:start + batch_size]
+        gens = [torch.Generator("cpu").manual_seed(int(s)) for s in chunk]
+        device = pipe.unet.device
+        # Initial latents drawn on CPU per seed: the same image on every device for a given seed.
+        shape = (pipe.unet.config.in_channels, resolution // pipe.vae_scale_factor, resolution // pipe.vae_scale_factor)
+        latents = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device, pipe.unet.dtype)
+        out = pipe(
+            [prompt] * len(chunk), negative_prompt=[negative_prompt] * len(chunk) if negative_prompt else None,
+            num_inference_steps=steps, guidance_scale=guidance, height=resolution, width=resolution,
+            generator=gens, latents=latents, output_type="np",
+        ).images
+        for i, img in enumerate(out):
+            arr = (np.clip(img, 0, 1) * 255).round().astype(np.uint8)
+            images.append(arr)
+            if on_image:
+                on_image(start + i, arr)
+    return images
+
+
+def slug(text: str, limit: int = 60) -> str:
+    """A file-system-safe name for a prompt; a short hash keeps distinct prompts distinct."""
+    base = re.sub(r"[^a-zA-Z0-9]+", "-", text.lower()).strip("-")[:limit] or "prompt"
+    return f"{base}-{hashlib.sha1(text.encode()).hexdigest()[:6]}"

@@ -1,0 +1,212 @@
+"""Image directories in and out.
+
+Reading: natural sort, hidden files skipped, EXIF orientation applied, any mode → RGB, short side
+resized (bicubic, antialiased) and centre-cropped to the working resolution; values in [-1, 1].
+Writing: PNG only, metadata stripped, written to a temporary name and renamed, never over an
+existing file without ``force``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from cloak.errors import InputError, OutputExistsError
+
+if TYPE_CHECKING:
+    import torch
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+# Decompression bombs are an input error, not a crash.
+Image.MAX_IMAGE_PIXELS = 16384 * 16384
+
+
+def natural_key(text: str) -> list:
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", text)]
+
+
+def list_images(root: Path, recursive: bool = True) -> list[Path]:
+    """Image files under ``root`` in natural order; hidden files and folders are skipped."""
+    root = Path(root)
+    if root.is_file():
+        return [root]
+    if not root.is_dir():
+        raise InputError(f"input directory {root} does not exist")
+    found = []
+    walker = os.walk(root) if recursive else [(str(root), [], os.listdir(root))]
+    for dirpath, dirnames, filenames in walker:
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for name in filenames:
+            if name.startswith(".") or name == "report.json":
+                continue
+            path = Path(dirpath) / name
+            if path.suffix.lower() in IMAGE_SUFFIXES:
+                found.append(path)
+    return sorted(found, key=lambda p: natural_key(str(p.relative_to(root))))
+
+
+@dataclass
+class ImageItem:
+    name: str  # relative path without suffix: the output keeps it (``a/b.jpg`` → ``a/b.png``)
+    path: Path
+    size: tuple[int, int]  # original (width, height)
+    sha256: str
+
+
+@dataclass
+class ImageSet:
+    """An ordered set of images as one float tensor B×3×H×W in [-1, 1]."""
+
+    items: list[ImageItem]
+    pixels: torch.Tensor
+    failures: list[tuple[Path, str]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def names(self) -> list[str]:
+        return [item.name for item in self.items]
+
+    def subset(self, indices: list[int]) -> ImageSet:
+        return ImageSet([self.items[i] for i in indices], self.pixels[indices], [])
+
+
+def load_pil(path: Path) -> Image.Image:
+    """Open one image, apply EXIF orientation, convert to RGB (alpha composited on white)."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+                rgba = img.convert("RGBA")
+                background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                img = Image.alpha_composite(background, rgba)
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise InputError(f"cannot read image {path}: {exc}") from None
+
+
+def fit(img: Image.Image, resolution: int) -> Image.Image:
+    """Resize the short side to ``resolution`` and centre-crop a square."""
+    w, h = img.size
+    if w < 1 or h < 1:
+        raise ValueError("empty image")
+    scale = resolution / min(w, h)
+    nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
+    if (nw, nh) != (w, h):
+        img = img.resize((nw, nh), Image.BICUBIC, reducing_gap=None)
+    left, top = (nw - resolution) // 2, (nh - resolution) // 2
+    return img.crop((left, top, left + resolution, top + resolution))
+
+
+def pil_to_tensor(img: Image.Image) -> torch.Tensor:
+    import torch
+
+    arr = np.asarray(img, dtype=np.uint8).copy()
+    return torch.from_numpy(arr).permute(2, 0, 1).float().div(127.5).sub(1.0)
+
+
+def to_uint8(pixels: torch.Tensor) -> np.ndarray:
+    """[-1,1] B×3×H×W (or 3×H×W) → uint8 ...×H×W×3, rounding (spec: round((x+1)·127.5))."""
+    import torch
+
+    arr = ((pixels.detach().float().cpu().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
+    return arr.movedim(-3, -1).numpy()
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_images(
+    root: Path | str,
+    resolution: int | None,
+    *,
+    keep_going: bool = False,
+    paths: list[Path] | None = None,
+) -> ImageSet:
+    """Read a directory (or an explicit list of files) into an ImageSet.
+
+    ``resolution=None`` keeps each image's own size (all images must then share one size).
+    A file that cannot be read raises :class:`InputError` naming it, unless ``keep_going``: then it
+    is recorded in ``failures`` and skipped.
+    """
+    import torch
+
+    root = Path(root)
+    files = paths if paths is not None else list_images(root)
+    if not files:
+        raise InputError(f"no images found in {root} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
+    items, tensors, failures = [], [], []
+    base = root if root.is_dir() else root.parent
+    for path in files:
+        try:
+            img = load_pil(path)
+            size = img.size
+            if resolution is not None:
+                try:
+                    img = fit(img, resolution)
+                except ValueError as exc:
+                    raise InputError(f"cannot use image {path}: {exc}") from None
+            tensors.append(pil_to_tensor(img))
+        except InputError as exc:
+            if not keep_going:
+                raise
+            failures.append((path, str(exc)))
+            continue
+        rel = path.relative_to(base) if path.is_relative_to(base) else Path(path.name)
+        items.append(ImageItem(str(rel.with_suffix("")), path, size, file_sha256(path)))
+    if not items:
+        raise InputError(f"none of the {len(files)} images in {root} could be read")
+    shapes = {tuple(t.shape) for t in tensors}
+    if len(shapes) > 1:
+        raise InputError(f"images in {root} differ in size {sorted(shapes)}; pass --resolution to resize them")
+    return ImageSet(items, torch.stack(tensors), failures)
+
+
+def output_path(out_dir: Path, name: str) -> Path:
+    return Path(out_dir) / f"{name}.png"
+
+
+def write_png(path: Path, pixels, *, force: bool = False) -> Path:
+    """Write one image (a [-1,1] 3×H×W tensor or a uint8 H×W×3 array) atomically, metadata-free."""
+    path = Path(path)
+    if path.exists() and not force:
+        raise OutputExistsError(f"{path} exists", hint="pass --force to overwrite, or --resume to skip finished items")
+    arr = pixels if isinstance(pixels, np.ndarray) else to_uint8(pixels)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png.tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            # A fresh Image carries no EXIF/GPS/text chunks: metadata is stripped by construction.
+            Image.fromarray(np.ascontiguousarray(arr), "RGB").save(fh, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,92 @@
+"""The versioned JSON report every verb writes (``report.json``; schema ``cloak.report/1``).
+
+Within a schema version fields are only ever added, never renamed or removed, so scripts that
+read reports keep working.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from cloak import __version__
+from cloak.io.images import write_bytes_atomic
+
+SCHEMA = "cloak.report/1"
+
+
+class ModelRecord(BaseModel):
+    role: str
+    id: str
+    path: str | None = None
+    revision: str | None = None
+    sha256: str | None = None
+    stand_in: bool = False  # random weights: protects and measures nothing
+
+
+class ItemRecord(BaseModel):
+    model_config = ConfigDict(extra="allow")  # per-item figures (linf, lpips, metric values, ...)
+    input: str | None = None
+    output: str | None = None
+    status: str = "ok"  # ok | failed | skipped
+    seconds: float | None = None
+    error: str | None = None
+
+
+class Report(BaseModel):
+    schema_: str = Field(SCHEMA, alias="schema")
+    cloak_version: str = __version__
+    verb: str
+    method: str | None = None
+    method_info: dict[str, Any] = Field(default_factory=dict)  # paper, implementation notes, proposals
+    argv: list[str] = Field(default_factory=list)
+    options: dict[str, dict[str, Any]] = Field(default_factory=dict)  # name → {value, source}
+    params: dict[str, dict[str, Any]] = Field(default_factory=dict)  # common flags → {value, source, unit?}
+    models: list[ModelRecord] = Field(default_factory=list)
+    seed: int | None = None
+    device: str | None = None
+    dtype: str | None = None
+    versions: dict[str, str] = Field(default_factory=dict)
+    started: str = ""
+    seconds: float = 0.0
+    warnings: list[str] = Field(default_factory=list)
+    items: list[ItemRecord] = Field(default_factory=list)
+    summary: dict[str, Any] = Field(default_factory=dict)
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(by_alias=True, mode="json"), indent=2, sort_keys=False) + "\n"
+
+    def write(self, out_dir: Path, name: str = "report.json") -> Path:
+        path = Path(out_dir) / name
+        write_bytes_atomic(path, self.to_json().encode("utf-8"))
+        return path
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version(), "cloak": __version__}
+    for mod in ("torch", "diffusers", "transformers", "numpy", "PIL"):
+        module = sys.modules.get(mod)
+        if module is not None and hasattr(module, "__version__"):
+            found[mod] = str(module.__version__)
+    return found
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class Stopwatch:
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+
+    def seconds(self) -> float:
+        return round(time.perf_counter() - self.start, 4)

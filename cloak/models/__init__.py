@@ -1,0 +1,1 @@
+"""Model catalog, cache, loaders and the built-in random stand-ins."""

@@ -1,0 +1,244 @@
+"""The shared model cache: where each id lives, pulling (the only network access) and verifying.
+
+Layout under the cache dir (``--cache-dir`` > ``CLOAK_CACHE_DIR`` > ``$XDG_CACHE_HOME/cloak``)::
+
+    models/<id>/...          one directory per id (hub snapshot or release files)
+    models/<id>/.complete    written last: a directory without it is an interrupted pull
+    lock.json                sha256 of every pulled file (trust on first use where not pinned)
+    class-images/, surrogates/   derived artefacts, cached per model
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+from cloak.errors import CloakError, ModelUnavailableError, UsageError
+from cloak.models.catalog import CATALOG, ModelSpec, get_spec
+from cloak.registry import suggest
+
+log = logging.getLogger("cloak.models")
+COMPLETE = ".complete"
+
+
+def model_dir(cache: Path, model_id: str) -> Path:
+    return Path(cache) / "models" / model_id
+
+
+def is_complete(path: Path) -> bool:
+    return (path / COMPLETE).is_file()
+
+
+def _lock_path(cache: Path) -> Path:
+    return Path(cache) / "lock.json"
+
+
+def read_lock(cache: Path) -> dict:
+    path = _lock_path(cache)
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, OSError):
+        log.warning("ignoring unreadable lock file %s", path)
+        return {}
+
+
+def _write_lock(cache: Path, lock: dict) -> None:
+    from cloak.io.images import write_bytes_atomic
+
+    write_bytes_atomic(_lock_path(cache), (json.dumps(lock, indent=2, sort_keys=True) + "\n").encode())
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def spec_or_error(model_id: str) -> ModelSpec:
+    spec = get_spec(model_id)
+    if spec is None:
+        raise UsageError(f"unknown model id {model_id!r}{suggest(model_id, list(CATALOG))}",
+                         hint="`cloak models list` shows the ids; --model also takes a local diffusers directory")
+    return spec
+
+
+# Builders of the built-in models, imported lazily (they need torch).
+def _builders() -> dict[str, Callable[[Path], object]]:
+    from cloak.models import faces, tiny
+
+    return {
+        "tiny-sd": lambda p: tiny.build_pipeline_dir("tiny-sd", p),
+        "tiny-sd-v": lambda p: tiny.build_pipeline_dir("tiny-sd", p, prediction_type="v_prediction"),
+        "mid-sd": lambda p: tiny.build_pipeline_dir("mid-sd", p),
+        "sd21-shaped": lambda p: tiny.build_pipeline_dir("sd21-shaped", p),
+        "tiny-retinaface": faces.build_standin_retinaface,
+        "tiny-arcface": faces.build_standin_arcface,
+        **_extra_builders(),
+    }
+
+
+_EXTRA: dict[str, str] = {}
+
+
+def register_builder(model_id: str, target: str) -> None:
+    """Register a builder ``"module:function"`` (takes the target dir) for a built-in stand-in."""
+    _EXTRA[model_id] = target
+
+
+def _extra_builders() -> dict[str, Callable[[Path], object]]:
+    import importlib
+
+    out = {}
+    for model_id, target in _EXTRA.items():
+        module, _, fn = target.partition(":")
+        out[model_id] = getattr(importlib.import_module(module), fn)
+    return out
+
+
+def ensure_builtin(cache: Path, model_id: str) -> Path:
+    """Build a built-in model into the cache on first use (atomically) and return its directory."""
+    target = model_dir(cache, model_id)
+    if is_complete(target):
+        return target
+    builders = _builders()
+    if model_id not in builders:
+        raise ModelUnavailableError(f"no builder for built-in model {model_id}")
+    log.info("building built-in model %s into %s", model_id, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{model_id}.", dir=target.parent))
+    try:
+        inner = staging / "m"
+        builders[model_id](inner)
+        (inner / COMPLETE).write_text("built-in\n")
+        if is_complete(target):
+            return target
+        if target.exists():  # an interrupted earlier build
+            shutil.rmtree(target)
+        inner.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def resolve_path(cache: Path, model_id: str, overrides: dict[str, str] | None = None) -> Path:
+    """Directory of ``model_id``: a ``[models]`` override, a built-in, or a completed pull.
+
+    Raises :class:`ModelUnavailableError` (exit 4) naming the id, the path looked at and the pull
+    command. Never downloads.
+    """
+    overrides = overrides or {}
+    if model_id in overrides:
+        path = Path(overrides[model_id]).expanduser()
+        if not path.exists():
+            raise ModelUnavailableError(f"model {model_id}: configured path {path} does not exist",
+                                        hint=f"fix [models].{model_id} in cloak.toml")
+        return path
+    spec = spec_or_error(model_id)
+    if spec.builtin:
+        return ensure_builtin(cache, model_id)
+    path = model_dir(cache, model_id)
+    if not is_complete(path):
+        raise ModelUnavailableError(
+            f"model {model_id} is not in the cache (looked at {path})",
+            hint=f"run `cloak models pull {model_id}` on a machine with network access, set "
+                 f"[models].{model_id} = \"/path\" in cloak.toml, or use --tiny for random stand-ins",
+        )
+    return path
+
+
+def pull(cache: Path, model_id: str, *, progress: Callable[[str], None] | None = None) -> Path:
+    """Download ``model_id`` into the cache, verify pinned digests, record the others."""
+    spec = spec_or_error(model_id)
+    if spec.builtin:
+        return ensure_builtin(cache, model_id)
+    if os.environ.get("CLOAK_OFFLINE") in ("1", "true", "yes"):
+        raise ModelUnavailableError(f"cannot pull {model_id}: CLOAK_OFFLINE is set")
+    target = model_dir(cache, model_id)
+    if is_complete(target):
+        return target
+    target.mkdir(parents=True, exist_ok=True)
+    digests: dict[str, str] = {}
+    try:
+        if spec.source.startswith("hf:"):
+            from huggingface_hub import snapshot_download
+
+            repo = spec.source[3:]
+            snapshot_download(repo_id=repo, revision=spec.revision, local_dir=str(target),
+                              allow_patterns=list(spec.allow_patterns) or None)
+        for f in spec.files:
+            if f.url is None:
+                continue
+            dest = target / f.path
+            if not dest.exists():
+                if progress:
+                    progress(f"downloading {f.url}")
+                _download(f.url, dest)
+        for file in sorted(p for p in target.rglob("*") if p.is_file() and p.name != COMPLETE
+                           and ".cache" not in p.parts):
+            rel = str(file.relative_to(target))
+            digests[rel] = sha256_file(file)
+            pinned = next((f.sha256 for f in spec.files if f.path == rel and f.sha256), None)
+            if pinned and pinned != digests[rel]:
+                file.unlink()
+                raise CloakError(f"checksum mismatch for {model_id}/{rel}: expected {pinned}, got {digests[rel]}; "
+                                 "the file was removed")
+    except CloakError:
+        raise
+    except Exception as exc:  # network and hub errors: say what failed, keep partial files for a retry
+        raise ModelUnavailableError(f"pulling {model_id} from {spec.source} failed: {exc}") from None
+    lock = read_lock(cache)
+    lock[model_id] = {"source": spec.source, "revision": spec.revision, "files": digests}
+    _write_lock(cache, lock)
+    (target / COMPLETE).write_text("pulled\n")
+    return target
+
+
+def _download(url: str, dest: Path) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".part")
+    with urllib.request.urlopen(url, timeout=60) as resp, open(tmp, "wb") as fh:  # noqa: S310 (catalog URLs)
+        shutil.copyfileobj(resp, fh, 1 << 20)
+    os.replace(tmp, dest)
+
+
+def verify(cache: Path, model_id: str) -> list[str]:
+    """Problems found with a cached model (empty list = verified)."""
+    spec = spec_or_error(model_id)
+    path = model_dir(cache, model_id)
+    if not is_complete(path):
+        return [f"not in the cache ({path})"]
+    if spec.builtin:
+        return []
+    recorded = read_lock(cache).get(model_id, {}).get("files", {})
+    problems = []
+    if not recorded:
+        problems.append("no digests recorded in lock.json (pulled by another tool?)")
+    for rel, digest in recorded.items():
+        file = path / rel
+        if not file.is_file():
+            problems.append(f"missing {rel}")
+        elif sha256_file(file) != digest:
+            problems.append(f"checksum mismatch {rel}")
+    for f in spec.files:
+        if f.sha256 and recorded.get(f.path) not in (None, f.sha256):
+            problems.append(f"{f.path} differs from the pinned digest")
+    return problems
+
+
+def weights_digest(cache: Path, model_id: str) -> str | None:
+    """One digest for a cached model's weights (from the lock file; no rehash at run time)."""
+    files = read_lock(cache).get(model_id, {}).get("files", {})
+    if not files:
+        return None
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()

@@ -1,0 +1,187 @@
+"""``Models``: the one place that loads weights.
+
+It resolves an id (catalog, ``[models]`` override, built-in) or a local diffusers directory, loads
+each component once per (path, device, dtype) and hands the same object to every method in the
+process. With ``tiny=True`` every catalog id is replaced by its built-in random stand-in of the same
+architecture; the loading code is the same. Methods that train must work on their own copy
+(``SDModel.trainable_copy``): the loaded objects are shared.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cloak.errors import ModelUnavailableError
+from cloak.io.report import ModelRecord
+from cloak.models import cache as model_cache
+from cloak.models.catalog import get_spec
+
+log = logging.getLogger("cloak.models")
+
+
+def _quiet_libraries() -> None:
+    """diffusers/transformers draw their own bars on stdout/stderr; cloak shows one bar per verb."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
+@dataclass
+class SDModel:
+    """The components of a Stable Diffusion model, with the scheduler loaded as DDPM for training."""
+
+    id: str
+    path: Path
+    vae: Any
+    unet: Any
+    text_encoder: Any
+    tokenizer: Any
+    noise_scheduler: Any  # DDPMScheduler from the model's scheduler config (training/PGD math)
+    stand_in: bool
+    device: torch.device
+    dtype: torch.dtype
+    _prompt_cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def resolution(self) -> int:
+        """The model's native image size (512 for SD 1.x/2.1-base, 64 for tiny-sd)."""
+        return int(self.unet.config.sample_size) * self.vae_scale_factor
+
+    @property
+    def prediction_type(self) -> str:
+        return self.noise_scheduler.config.prediction_type
+
+    def trainable_copy(self) -> tuple[Any, Any]:
+        """Fresh copies of UNet and text encoder for a method that fine-tunes (made once per run)."""
+        unet = copy.deepcopy(self.unet)
+        text_encoder = copy.deepcopy(self.text_encoder)
+        for module in (unet, text_encoder):
+            module.requires_grad_(True)
+            module.train()
+        return unet, text_encoder
+
+
+def looks_like_local_model(value: str) -> bool:
+    path = Path(value).expanduser()
+    return path.is_dir() and ((path / "model_index.json").is_file() or (path / "unet").is_dir())
+
+
+class Models:
+    def __init__(
+        self,
+        *,
+        cache_dir: Path,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        tiny: bool = False,
+        overrides: dict[str, str] | None = None,
+    ):
+        self.cache_dir = Path(cache_dir)
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.tiny = tiny
+        self.overrides = overrides or {}
+        self._memo: dict[tuple, Any] = {}
+        self._records: dict[tuple[str, str], ModelRecord] = {}
+
+    # --- resolution -----------------------------------------------------------------------------
+    def resolve(self, id_or_path: str, role: str) -> tuple[str, Path, bool]:
+        """(id, directory, stand_in) for a catalog id or a local directory."""
+        if looks_like_local_model(id_or_path) and get_spec(id_or_path) is None:
+            path = Path(id_or_path).expanduser().resolve()
+            builtin = path / "cloak_builtin.json"
+            stand_in = builtin.is_file() or (path / "cloak_model.json").is_file() and _stand_in_flag(path)
+            self._record(role, str(path), path, None, stand_in)
+            return str(path), path, stand_in
+        if Path(id_or_path).expanduser().exists() and get_spec(id_or_path) is None:
+            raise ModelUnavailableError(f"{id_or_path} is not a diffusers model directory (no model_index.json or unet/)")
+        model_id = id_or_path
+        spec = model_cache.spec_or_error(model_id)
+        if self.tiny and not spec.builtin:
+            if not spec.stand_in:
+                raise ModelUnavailableError(f"model {model_id} has no built-in stand-in for --tiny")
+            model_id = spec.stand_in
+            spec = model_cache.spec_or_error(model_id)
+        path = model_cache.resolve_path(self.cache_dir, model_id, self.overrides)
+        stand_in = spec.builtin and model_id not in self.overrides
+        digest = None if spec.builtin else model_cache.weights_digest(self.cache_dir, model_id)
+        self._record(role, model_id, path, digest, stand_in)
+        return model_id, path, stand_in
+
+    def _record(self, role: str, model_id: str, path: Path, digest: str | None, stand_in: bool) -> None:
+        spec = get_spec(model_id)
+        self._records[(role, model_id)] = ModelRecord(
+            role=role, id=model_id, path=str(path), revision=spec.revision if spec and not spec.builtin else None,
+            sha256=digest, stand_in=stand_in)
+
+    def records(self) -> list[ModelRecord]:
+        return list(self._records.values())
+
+    @property
+    def any_stand_in(self) -> bool:
+        return any(r.stand_in for r in self._records.values())
+
+    def memo(self, key: tuple, build):
+        if key not in self._memo:
+            self._memo[key] = build()
+        return self._memo[key]
+
+    # --- loaders --------------------------------------------------------------------------------
+    def sd(self, id_or_path: str, role: str = "surrogate") -> SDModel:
+        model_id, path, stand_in = self.resolve(id_or_path, role)
+        return self.memo(("sd", str(path), str(self.device), str(self.dtype)),
+                         lambda: self._load_sd(model_id, path, stand_in))
+
+    def _load_sd(self, model_id: str, path: Path, stand_in: bool) -> SDModel:
+        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
+        _quiet_libraries()
+        log.info("loading %s from %s", model_id, path)
+        kw = dict(local_files_only=True)
+        try:
+            tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kw)
+            text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **kw)
+            vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **kw)
+            unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw)
+            noise_scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", **kw)
+        except (OSError, ValueError, json.JSONDecodeError) as exc:
+            raise ModelUnavailableError(f"cannot load model {model_id} from {path}: {exc}") from None
+        for module in (text_encoder, vae, unet):
+            module.requires_grad_(False)
+            module.eval()
+            module.to(self.device, dtype=self.dtype)
+        return SDModel(model_id, path, vae, unet, text_encoder, tokenizer, noise_scheduler, stand_in,
+                       self.device, self.dtype)
+
+    def faces(self, role: str = "faces"):
+        from cloak.models import faces
+
+        _, det_path, _ = self.resolve("retinaface-r50", f"{role}-detector")
+        _, emb_path, _ = self.resolve("arcface-irse50", f"{role}-embedder")
+        return self.memo(("faces", str(det_path), str(emb_path), str(self.device)),
+                         lambda: faces.FaceAnalyzer(faces.load_retinaface(det_path, str(self.device)),
+                                                    faces.load_arcface(emb_path, str(self.device)),
+                                                    str(self.device)))
+
+
+def _stand_in_flag(path: Path) -> bool:
+    try:
+        return bool(json.loads((path / "cloak_model.json").read_text()).get("stand_in", False))
+    except (OSError, json.JSONDecodeError):
+        return False

@@ -1,0 +1,160 @@
+"""Built-in random-weight Stable Diffusion models.
+
+``tiny-sd`` (and ``tiny-sd-v``, its v-prediction twin) has the SD architecture — VAE factor 8, a
+four-block cross-attention UNet, a CLIP text encoder and a real byte-level CLIP tokenizer — at toy
+width, with weights drawn from a fixed seed. It is written with ``save_pretrained`` into the cache on
+first use so every verb loads it through ``from_pretrained`` exactly like real weights. It protects
+nothing and measures nothing; reports made with it say so.
+
+``mid-sd`` and ``sd21-shaped`` are random models used by ``benchmarks/``: the second has the exact
+tensor shapes of Stable Diffusion 2.1-base, to measure real-size speed and memory without weights.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+TINY_SEED = 20240501
+
+# CLIP's byte→unicode table: every byte gets a printable character, so a vocabulary of the 256
+# characters (plus their end-of-word forms) tokenizes any text without merges.
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, map(chr, chars)))
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    unet_channels: tuple[int, ...]
+    layers_per_block: int
+    head_dim: int | tuple[int, ...]
+    cross_dim: int
+    vae_channels: tuple[int, ...]
+    te_hidden: int
+    te_layers: int
+    te_heads: int
+    resolution: int
+    linear_projection: bool = True
+    vae_layers: int = 1
+
+
+SHAPES = {
+    "tiny-sd": Shape("tiny-sd", (32, 32, 64, 64), 1, 8, 32, (32, 32, 32, 32), 32, 2, 4, 64),
+    "mid-sd": Shape("mid-sd", (64, 128, 256, 256), 2, 32, 256, (32, 64, 64, 64), 256, 4, 4, 128),
+    # Exact SD 2.1-base tensor shapes (stabilityai/stable-diffusion-2-1-base configs).
+    "sd21-shaped": Shape(
+        "sd21-shaped", (320, 640, 1280, 1280), 2, (5, 10, 20, 20), 1024, (128, 256, 512, 512), 1024, 23, 16, 512,
+        vae_layers=2,
+    ),
+}
+
+
+def _tokenizer_files(directory: Path) -> None:
+    chars = list(_bytes_to_unicode().values())
+    vocab = {}
+    for token in chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]:
+        vocab[token] = len(vocab)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    (directory / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+    (directory / "special_tokens_map.json").write_text(
+        json.dumps({"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+                    "unk_token": "<|endoftext|>"}), encoding="utf-8")
+    (directory / "tokenizer_config.json").write_text(
+        json.dumps({"model_max_length": 77, "tokenizer_class": "CLIPTokenizer", "do_lower_case": True,
+                    "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+                    "unk_token": "<|endoftext|>"}), encoding="utf-8")
+
+
+def build_pipeline_dir(shape_name: str, target: Path, *, prediction_type: str = "epsilon") -> Path:
+    """Write a random-weight SD model directory (diffusers layout) for ``shape_name`` at ``target``."""
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    shape = SHAPES[shape_name]
+    torch.manual_seed(TINY_SEED)
+    n = len(shape.unet_channels)
+    unet = UNet2DConditionModel(
+        sample_size=shape.resolution // 8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=shape.layers_per_block,
+        block_out_channels=shape.unet_channels,
+        down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
+        cross_attention_dim=shape.cross_dim,
+        attention_head_dim=shape.head_dim,
+        use_linear_projection=shape.linear_projection,
+        norm_num_groups=32,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * len(shape.vae_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(shape.vae_channels),
+        block_out_channels=shape.vae_channels,
+        layers_per_block=shape.vae_layers,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=shape.resolution,
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        _tokenizer_files(Path(tmp))
+        tokenizer = CLIPTokenizer.from_pretrained(tmp)
+    if shape_name == "sd21-shaped":
+        vocab_size = 49408  # the real CLIP vocabulary size, for exact embedding shapes
+    else:
+        vocab_size = len(tokenizer)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=vocab_size,
+            hidden_size=shape.te_hidden,
+            intermediate_size=shape.te_hidden * 4,
+            num_attention_heads=shape.te_heads,
+            num_hidden_layers=shape.te_layers,
+            max_position_embeddings=77,
+            projection_dim=shape.te_hidden,
+            hidden_act="gelu",
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
+    schedule = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                    prediction_type=prediction_type, steps_offset=1, set_alpha_to_one=False, clip_sample=False)
+    # Like the real SD checkpoints: PNDM for sampling; training code loads the same config as DDPM.
+    scheduler = PNDMScheduler(**{k: v for k, v in schedule.items() if k != "clip_sample"}, skip_prk_steps=True)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        pipe.save_pretrained(staging, safe_serialization=True)
+        (staging / "cloak_builtin.json").write_text(
+            json.dumps({"shape": shape_name, "seed": TINY_SEED, "prediction_type": prediction_type,
+                        "note": "random weights: protects and measures nothing"}), encoding="utf-8")
+        if target.exists():  # another process finished first
+            shutil.rmtree(staging)
+        else:
+            staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target

@@ -1,0 +1,51 @@
+"""The protect interface: a method maps an ImageSet to perturbed pixels within an ℓ∞ budget."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import Field
+
+from cloak.adversarial import to_m11
+from cloak.io.images import ImageSet
+from cloak.methods import Method, MethodOptions
+
+
+class BudgetOptions(MethodOptions):
+    """ℓ∞ budget ``eps`` and step ``alpha``, both in ``unit`` (m11 = [-1,1], 01 = [0,1], 255 = levels)."""
+
+    eps: float = Field(0.05, ge=0, description="ℓ∞ budget", json_schema_extra={"unit": "unit"})
+    alpha: float = Field(0.005, ge=0, description="PGD step size", json_schema_extra={"unit": "unit"})
+    unit: Literal["m11", "01", "255"] = Field("m11", description="unit of eps and alpha")
+
+    @property
+    def eps_m11(self) -> float:
+        return to_m11(self.eps, self.unit)
+
+    @property
+    def alpha_m11(self) -> float:
+        return to_m11(self.alpha, self.unit)
+
+
+@dataclass
+class ProtectResult:
+    pixels: torch.Tensor  # B×3×H×W in [-1, 1], same order as the input set
+    records: list[dict[str, Any]] = field(default_factory=list)  # per-image figures
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+class ProtectMethod(Method):
+    # Group methods optimise the whole set together (their result for an image depends on the others).
+    group: ClassVar[bool] = True
+    # Whether the method uses the clean reference set (--ref): same identity, not the images to protect.
+    uses_ref: ClassVar[bool] = False
+    # Name of the option that --steps sets (the method's main iteration count).
+    steps_option: ClassVar[str | None] = None
+
+    def budget_m11(self) -> float:
+        return self.opts.eps_m11
+
+    def __call__(self, images: ImageSet) -> ProtectResult:
+        raise NotImplementedError

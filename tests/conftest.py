@@ -1,0 +1,128 @@
+"""Shared test fixtures: an isolated environment, seeded image folders, and a CLI runner.
+
+Every test runs offline with its own config/home directories; the model cache is shared across the
+session (built-in models and class images are built once) unless a test asks for a fresh one.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+from contextlib import redirect_stderr, redirect_stdout
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    run_slow = os.environ.get("RUN_SLOW") == "1"
+    has_weights = os.environ.get("CLOAK_TEST_WEIGHTS") == "1"
+    try:
+        import torch
+
+        has_gpu = torch.cuda.is_available()
+    except ImportError:  # pragma: no cover
+        has_gpu = False
+    for item in items:
+        if "slow" in item.keywords and not run_slow:
+            item.add_marker(pytest.mark.skip(reason="slow: set RUN_SLOW=1"))
+        if "weights" in item.keywords and not has_weights:
+            item.add_marker(pytest.mark.skip(reason="needs real weights: set CLOAK_TEST_WEIGHTS=1"))
+        if "gpu" in item.keywords and not has_gpu:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
+
+
+@pytest.fixture(scope="session")
+def shared_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cloak-cache")
+
+
+@pytest.fixture(autouse=True)
+def isolated_env(tmp_path, shared_cache, monkeypatch):
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(home / ".config"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(home / ".cache"))
+    monkeypatch.setenv("CLOAK_CACHE_DIR", str(shared_cache))
+    monkeypatch.setenv("NO_COLOR", "1")
+    for var in ("CLOAK_DEVICE", "CLOAK_CONFIG", "CLOAK_DEBUG", "CLOAK_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.chdir(tmp_path)
+    yield
+
+
+def write_images(folder: Path, n: int = 3, size: tuple[int, int] = (64, 64), seed: int = 0) -> Path:
+    """Seeded smooth RGB images (random but image-like: low-frequency colour fields)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        low = rng.uniform(0, 255, size=(4, 4, 3)).astype(np.uint8)
+        img = Image.fromarray(low).resize(size, Image.BICUBIC)
+        arr = np.asarray(img).astype(np.int16) + rng.integers(-8, 9, size=(size[1], size[0], 3))
+        Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(folder / f"img{i}.png")
+    return folder
+
+
+@pytest.fixture
+def image_dir(tmp_path) -> Path:
+    return write_images(tmp_path / "images")
+
+
+@pytest.fixture
+def ref_dir(tmp_path) -> Path:
+    return write_images(tmp_path / "ref", seed=1)
+
+
+@pytest.fixture(scope="session")
+def astronaut() -> np.ndarray:
+    """A real public-domain portrait (scikit-image's astronaut), RGB uint8 512×512."""
+    from skimage import data
+
+    return data.astronaut()
+
+
+@dataclass
+class Result:
+    exit_code: int
+    stdout: str
+    stderr: str
+
+
+def run_cli(*args: str) -> Result:
+    """Run ``cloak ARGS`` in-process through ``cloak.cli.main`` (exit codes as a user sees them)."""
+    from cloak.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        code = main([str(a) for a in args])
+    return Result(code, out.getvalue(), err.getvalue())
+
+
+@pytest.fixture
+def cli():
+    return run_cli
+
+
+# Tiny runs: the smallest settings that still execute every branch of a method.
+TINY = ["--tiny", "-o", "class_images=2"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _threads():
+    """Two cores: one intra-op thread per process avoids OpenMP oversubscription under xdist/helpers."""
+    import torch
+
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    yield
+
+
+sys.path.insert(0, str(Path(__file__).parent))
