@@ -112,6 +112,8 @@ class Method:
     implements: ClassVar[str] = ""  # one line: what this is, faithful to which source
     proposals: ClassVar[tuple[str, ...]] = ()  # options whose defaults are our proposals ([PROP] in the spec)
     notes: ClassVar[str] = ""
+    # Options that make a run take seconds on the built-in tiny models (contract tests, `make demo`).
+    tiny_options: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, options: MethodOptions, ctx: RunContext):
         self.opts = options

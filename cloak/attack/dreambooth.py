@@ -34,6 +34,7 @@ class DreamBooth(AttackMethod):
     implements = "full fine-tune with prior preservation, shuffled batches, fp32 master weights"
 
     Options = DreamBoothOptions
+    tiny_options = {"class_images": 2, "steps": 2, "num_images": 1, "sample_steps": 2, "prompts": ["a photo of sks person"]}
 
     def train(self, images: ImageSet, sd, unet, text_encoder, cfg: DreamBoothConfig) -> AttackResult:
         ctx, o = self.ctx, self.opts

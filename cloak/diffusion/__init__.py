@@ -1,6 +1,7 @@
 """Shared diffusion math, written once: every method that fine-tunes or attacks uses these."""
 
 from cloak.diffusion.loss import (
+    Draw,
     LatentCache,
     denoising_loss,
     encode_latents,
@@ -11,6 +12,7 @@ from cloak.diffusion.loss import (
 )
 
 __all__ = [
+    "Draw",
     "LatentCache", "denoising_loss", "encode_latents", "encode_prompts", "sample_noise", "sample_timesteps",
     "training_target",
 ]

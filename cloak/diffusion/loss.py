@@ -27,14 +27,37 @@ def encode_prompts(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
     return text_encoder(ids.to(text_encoder.device))[0]
 
 
-def encode_latents(vae, pixels: torch.Tensor, generator: torch.Generator | None = None, *, sample: bool = True):
-    """``s·E(x)``: a posterior sample (or the mean) scaled by the VAE's scaling factor."""
+def encode_latents(vae, pixels: torch.Tensor, generator: torch.Generator | None = None, *, sample: bool = True,
+                   posterior_noise: torch.Tensor | None = None):
+    """``s·E(x)``: a posterior sample (or the mean) scaled by the VAE's scaling factor.
+
+    ``posterior_noise`` fixes the sample's noise (to evaluate several candidates on one draw).
+    """
     dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
     if sample:
-        z = dist.mean + dist.std * sample_noise(dist.mean.shape, generator, dist.mean.device, dist.mean.dtype)
+        if posterior_noise is None:
+            posterior_noise = sample_noise(dist.mean.shape, generator, dist.mean.device, dist.mean.dtype)
+        z = dist.mean + dist.std * posterior_noise.to(dist.mean.device, dist.mean.dtype)
     else:
         z = dist.mean
     return z * vae.config.scaling_factor
+
+
+@dataclass
+class Draw:
+    """One Monte-Carlo draw of L_dn's randomness: timesteps, diffusion noise, posterior noise."""
+
+    timesteps: torch.Tensor
+    noise: torch.Tensor
+    posterior_noise: torch.Tensor
+
+    @classmethod
+    def sample(cls, n: int, latent_shape: tuple[int, ...], scheduler, generator: torch.Generator, device,
+               timesteps: torch.Tensor | None = None) -> Draw:
+        t = timesteps if timesteps is not None else sample_timesteps(
+            n, scheduler.config.num_train_timesteps, generator, device)
+        return cls(t.to(device), sample_noise((n, *latent_shape), generator, device),
+                   sample_noise((n, *latent_shape), generator, device))
 
 
 @dataclass

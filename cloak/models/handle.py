@@ -26,7 +26,7 @@ from cloak.models.catalog import get_spec
 log = logging.getLogger("cloak.models")
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
     """diffusers/transformers draw their own bars on stdout/stderr; cloak shows one bar per verb."""
     import diffusers
     import transformers
@@ -151,7 +151,7 @@ class Models:
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
-        _quiet_libraries()
+        quiet_libraries()
         log.info("loading %s from %s", model_id, path)
         kw = dict(local_files_only=True)
         try:

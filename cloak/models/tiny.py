@@ -87,6 +87,9 @@ def build_pipeline_dir(shape_name: str, target: Path, *, prediction_type: str = 
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+    from cloak.models.handle import quiet_libraries
+
+    quiet_libraries()
     shape = SHAPES[shape_name]
     torch.manual_seed(TINY_SEED)
     n = len(shape.unet_channels)

@@ -13,9 +13,9 @@ import torch
 from pydantic import Field
 
 from cloak.adversarial import pgd_step
-from cloak.diffusion import LatentCache, denoising_loss, encode_latents, encode_prompts
+from cloak.diffusion import Draw, LatentCache, denoising_loss, encode_latents, encode_prompts
 from cloak.diffusion.class_images import class_images
-from cloak.diffusion.dreambooth import DreamBoothConfig, DreamBoothTrainer, copy_params
+from cloak.diffusion.dreambooth import DreamBoothConfig, DreamBoothTrainer, autocast_for, copy_params
 from cloak.io.images import ImageSet
 from cloak.protect.base import BudgetOptions, ProtectMethod, ProtectResult
 
@@ -46,6 +46,7 @@ class Aspl(ProtectMethod):
             False, description="continue the image index across surrogate calls (released code restarts at 0, "
                                "so only images 0..n-1 are ever used) [PROP option]")
 
+    tiny_options: ClassVar[dict] = {"class_images": 2, "iterations": 2, "surrogate_steps": 1, "pgd_steps": 2}
     notes: ClassVar[str] = "Clean reference set (set A) from --ref; without it the input images stand in for it."
 
     def __call__(self, images: ImageSet) -> ProtectResult:
@@ -117,19 +118,44 @@ class Aspl(ProtectMethod):
         return start + steps
 
     def pgd(self, sd, unet, text_encoder, x, x0, steps: int, eps: float, alpha: float):
-        """``steps`` PGD ascent steps on L_dn of the frozen (unet, text_encoder); whole batch per step."""
-        gen = self.ctx.generator
+        """``steps`` PGD ascent steps on L_dn of the frozen (unet, text_encoder); whole batch per step.
+
+        Each step draws its randomness once (``Draw``) and hands ``update`` a loss of x alone, so a
+        plug-in (CAP) can evaluate several candidate steps on the same draw.
+        """
         with torch.no_grad():
             text = encode_prompts(sd.tokenizer, text_encoder, [self.opts.instance_prompt])
         loss_value = float("nan")
         for _ in range(steps):
-            x = x.detach().requires_grad_(True)
-            latents = encode_latents(sd.vae, x, gen)
-            loss = denoising_loss(unet, sd.noise_scheduler, latents, text.to(latents.dtype), gen)
-            (grad,) = torch.autograd.grad(loss, x)
-            x = pgd_step(x.detach(), grad, x0, alpha, eps)
-            loss_value = float(loss.detach())
+            draw = self.draw(sd, x)
+
+            def loss_fn(pixels, draw=draw):
+                return self.loss(sd, unet, pixels, text, draw)
+
+            x, loss_value = self.update(x, x0, loss_fn, eps, alpha)
+            self.pgd_steps_done += 1
         return x.detach(), loss_value
+
+    pgd_steps_done = 0  # global PGD step counter k (CAP switches on at k̂ = K/2)
+
+    def draw(self, sd, x) -> Draw:
+        f = sd.vae_scale_factor
+        shape = (sd.unet.config.in_channels, x.shape[-2] // f, x.shape[-1] // f)
+        return Draw.sample(x.shape[0], shape, sd.noise_scheduler, self.ctx.generator, x.device)
+
+    def loss(self, sd, unet, pixels, text, draw: Draw) -> torch.Tensor:
+        """L_dn of ``pixels`` (gradient flows through the VAE encoder) on one fixed draw."""
+        latents = encode_latents(sd.vae, pixels, posterior_noise=draw.posterior_noise)
+        with autocast_for(latents.device):
+            return denoising_loss(unet, sd.noise_scheduler, latents, text.to(latents.dtype), self.ctx.generator,
+                                  timesteps=draw.timesteps, noise=draw.noise)
+
+    def update(self, x, x0, loss_fn, eps: float, alpha: float):
+        """One PGD ascent step (sign of ∇ₓ loss), projected to the budget. Plug-ins override this."""
+        x = x.detach().requires_grad_(True)
+        loss = loss_fn(x)
+        (grad,) = torch.autograd.grad(loss, x)
+        return pgd_step(x.detach(), grad, x0, alpha, eps), float(loss.detach())
 
 
 class _PixelLatents:
