@@ -81,7 +81,9 @@ class VerbRun:
         self.params: dict[str, dict[str, Any]] = {}
         self.method_name = self.value("method", common.method, default_method)
         self.method_cls = registry.get(self.method_name)
-        self.model = self.value("model", common.model, default_model)
+        # A method may name its own base model (PhotoGuard: sd15, Mist: sd14); the verb's default otherwise.
+        method_model = getattr(self.method_cls, "default_model", None)
+        self.model = self.value("model", common.model, method_model or default_model)
         self.effort = float(self.value("effort", common.effort, 1.0))
         if not self.effort > 0:
             raise UsageError(f"--effort must be > 0, got {self.effort}")
@@ -207,6 +209,10 @@ def run_protect(input_dir, output_dir, *, ref: str | None = None, eps: float | N
     if eps is not None:
         flag_layer["eps"] = eps
     if eps_unit is not None:
+        from cloak.adversarial import UNITS
+
+        if eps_unit not in UNITS:
+            raise UsageError(f"unknown --eps-unit {eps_unit!r}; valid: {', '.join(UNITS)}")
         flag_layer["unit"] = eps_unit
         if "alpha" in fields and "alpha" not in common.options and "unit" in fields:
             # A new unit converts the default step so it means the same thing.
@@ -316,6 +322,7 @@ def run_attack(input_dir, output_dir, *, ref: str | None = None, prompts: list[s
     import shutil
 
     from cloak.attack import ATTACK
+    from cloak.attack.base import Condition
     from cloak.diffusion.evaluate import fixed_denoising_loss
     from cloak.diffusion.sampling import SAMPLERS, build_pipeline, generate, slug
     from cloak.io.images import read_images, write_png
@@ -329,12 +336,23 @@ def run_attack(input_dir, output_dir, *, ref: str | None = None, prompts: list[s
                                                    guidance=guidance, negative_prompt=negative_prompt,
                                                    sampler=sampler).items() if v is not None}
     if steps is not None:
+        if run.method_cls.steps_option is None:
+            raise UsageError(f"--steps: attack {run.method_name} trains nothing (zero-shot)")
         flags[run.method_cls.steps_option] = steps
     opts, opts_record = run.options([("flag", flags)])
     if getattr(opts, "sampler", "default") not in SAMPLERS:
         raise UsageError(f"unknown sampler {opts.sampler!r}; valid: {', '.join(SAMPLERS)}")
+    if save_model and not run.method_cls.fine_tunes:
+        raise UsageError(f"--save-model: attack {run.method_name} fine-tunes nothing (zero-shot); there is no "
+                         "model to keep")
     gen_dir = output_dir / "gen"
     planned = [f"{slug(p)}/{s}" for p in getattr(opts, "prompts", []) for s in range(getattr(opts, "num_images", 0))]
+    if run.method_cls.per_reference:  # gen/<reference image>/<prompt>/<seed>.png
+        from cloak.io.images import list_images
+
+        base = input_dir if input_dir.is_dir() else input_dir.parent
+        refs = [str(f.relative_to(base).with_suffix("")) for f in list_images(input_dir)]
+        planned = [f"{r}/{p}" for r in refs for p in planned]
     done = set(check_output_dir(gen_dir, planned, force=common.force, resume=common.resume))
     if save_model:
         run.params["save_model"] = {"value": str(save_model), "source": "flag"}
@@ -343,7 +361,9 @@ def run_attack(input_dir, output_dir, *, ref: str | None = None, prompts: list[s
                 raise OutputExistsError(f"model directory {save_model} exists and is not empty", hint="pass --force")
             shutil.rmtree(save_model)
 
-    ctx = run.context()
+    # Training loops checkpoint into OUTPUT/.checkpoint (hidden: score ignores it); --resume continues there.
+    ctx = run.context(extras={"checkpoint_dir": output_dir / ".checkpoint",
+                              "resume": common.resume and not common.force})
     resolution = run.model_resolution()
     ctx.resolution = resolution
     images = read_images(input_dir, resolution, keep_going=common.keep_going)
@@ -363,34 +383,51 @@ def run_attack(input_dir, output_dir, *, ref: str | None = None, prompts: list[s
                                               "instance prompt, fixed (t, ε) draws: higher = the subject was "
                                               "learned worse")
     if save_model:
-        save_model_dir(sd, result.unet, result.text_encoder, Path(save_model),
-                       note={"made_by": f"cloak attack {run.method_name}", "base": sd.id, "stand_in": sd.stand_in})
+        note = {"made_by": f"cloak attack {run.method_name}", "base": sd.id, "stand_in": sd.stand_in}
+        if result.save is not None:  # the method's own format (LoRA: a small adapter file)
+            result.save(Path(save_model), note)
+        else:
+            save_model_dir(sd, result.unet, result.text_encoder, Path(save_model), note=note)
     pipe = build_pipeline(sd, unet=result.unet, text_encoder=result.text_encoder, sampler=opts.sampler)
     if result.pipeline_hook is not None:
         result.pipeline_hook(pipe)
+    # What the pipeline is actually given: the method may resolve these itself (DiffShortcut).
+    suffix = result.sampling.get("prompt_suffix", "")
+    negative = result.sampling.get("negative_prompt", opts.negative_prompt)
+    guidance = result.sampling.get("guidance", opts.guidance)
+    conditions = result.conditions if result.conditions is not None else [Condition()]
     clock = Stopwatch()
     count = 0
-    total = len(planned) - len(done)
+    total = sum(1 for c in conditions for p in opts.prompts for s in range(opts.num_images)
+                if "/".join(filter(None, (c.name, slug(p), str(s)))) not in done)
     with ctx.progress.task("sampling", total) as bar:
-        for prompt in opts.prompts:
-            seeds = [s for s in range(opts.num_images) if f"{slug(prompt)}/{s}" not in done]
-            for s in range(opts.num_images):
-                if s not in seeds:
-                    run.add_item({"output": str(gen_dir / slug(prompt) / f"{s}.png"), "status": "skipped",
-                                  "prompt": prompt, "seed": s})
+        for cond in conditions:
+            for prompt in opts.prompts:
+                folder = gen_dir / cond.name / slug(prompt)
+                key = "/".join(filter(None, (cond.name, slug(prompt))))
+                seeds = [s for s in range(opts.num_images) if f"{key}/{s}" not in done]
+                for s in range(opts.num_images):
+                    if s not in seeds:
+                        run.add_item({"output": str(folder / f"{s}.png"), "status": "skipped", "prompt": prompt,
+                                      "seed": s, **cond.record})
 
-            def save(i: int, arr, prompt=prompt, seeds=seeds) -> None:
-                nonlocal count
-                path = write_png(gen_dir / slug(prompt) / f"{seeds[i]}.png", arr, force=True)
-                count += 1
-                bar.advance(1)
-                run.add_item({"output": str(path), "status": "ok", "prompt": prompt, "seed": seeds[i]})
+                def save(i: int, arr, prompt=prompt, seeds=seeds, folder=folder, cond=cond) -> None:
+                    nonlocal count
+                    path = write_png(folder / f"{seeds[i]}.png", arr, force=True)
+                    count += 1
+                    bar.advance(1)
+                    run.add_item({"output": str(path), "status": "ok", "prompt": prompt, "seed": seeds[i],
+                                  **cond.record})
 
-            generate(pipe, prompt, seeds, steps=opts.sample_steps, guidance=opts.guidance, resolution=resolution,
-                     negative_prompt=opts.negative_prompt, on_image=save)
+                generate(pipe, prompt + suffix, seeds, steps=opts.sample_steps, guidance=guidance,
+                         resolution=resolution, negative_prompt=negative, on_image=save, **cond.pipe_kwargs)
     summary["sample_seconds_per_image"] = round(clock.seconds() / count, 4) if count else None
     summary["prompts"] = {slug(p): p for p in opts.prompts}
+    summary["sampling"] = {"sampler": opts.sampler, "steps": opts.sample_steps, "guidance": guidance,
+                           "negative_prompt": negative, "prompt_suffix": suffix, "resolution": resolution,
+                           "seeds": list(range(opts.num_images)), "conditions": [c.name for c in conditions if c.name]}
     output_dir.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(output_dir / ".checkpoint", ignore_errors=True)  # the run finished: nothing left to resume
     report = run.report(opts_record, summary)
     return run.finish(report, output_dir)
 

@@ -126,3 +126,23 @@ def _threads():
 
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+
+@pytest.fixture(scope="session")
+def _session_models(shared_cache):
+    import torch
+
+    from cloak.models.handle import Models
+
+    return Models(cache_dir=shared_cache, device="cpu", dtype=torch.float32)
+
+
+@pytest.fixture
+def tiny_sd(_session_models):
+    """The built-in tiny-sd, loaded through from_pretrained like real weights."""
+    return _session_models.sd("tiny-sd")
+
+
+@pytest.fixture
+def tiny_sd_v(_session_models):
+    return _session_models.sd("tiny-sd-v")

@@ -21,7 +21,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cloak.errors import CloakError, ModelUnavailableError, UsageError
-from cloak.models.catalog import CATALOG, ModelSpec, get_spec
+# register_builder lives in catalog so catalog.py can register stand-in builders at import time without a
+# circular import (cache imports catalog); it is re-exported here.
+from cloak.models.catalog import _EXTRA, CATALOG, ModelSpec, get_spec, register_builder  # noqa: F401
 from cloak.registry import suggest
 
 log = logging.getLogger("cloak.models")
@@ -73,37 +75,26 @@ def spec_or_error(model_id: str) -> ModelSpec:
     return spec
 
 
-# Builders of the built-in models, imported lazily (they need torch).
-def _builders() -> dict[str, Callable[[Path], object]]:
-    from cloak.models import faces, tiny
-
-    return {
-        "tiny-sd": lambda p: tiny.build_pipeline_dir("tiny-sd", p),
-        "tiny-sd-v": lambda p: tiny.build_pipeline_dir("tiny-sd", p, prediction_type="v_prediction"),
-        "mid-sd": lambda p: tiny.build_pipeline_dir("mid-sd", p),
-        "sd21-shaped": lambda p: tiny.build_pipeline_dir("sd21-shaped", p),
-        "tiny-retinaface": faces.build_standin_retinaface,
-        "tiny-arcface": faces.build_standin_arcface,
-        **_extra_builders(),
-    }
+# Builders of the core built-in models: "module:function(target_dir)", imported only when that model is
+# built. Method families add theirs with catalog.register_builder (kept in catalog to avoid an import cycle).
+_CORE_BUILDERS: dict[str, str] = {
+    "tiny-sd": "cloak.models.tiny:build_tiny_sd",
+    "tiny-sd-v": "cloak.models.tiny:build_tiny_sd_v",
+    "mid-sd": "cloak.models.tiny:build_mid_sd",
+    "sd21-shaped": "cloak.models.tiny:build_sd21_shaped",
+    "tiny-retinaface": "cloak.models.faces:build_standin_retinaface",
+    "tiny-arcface": "cloak.models.faces:build_standin_arcface",
+}
 
 
-_EXTRA: dict[str, str] = {}
-
-
-def register_builder(model_id: str, target: str) -> None:
-    """Register a builder ``"module:function"`` (takes the target dir) for a built-in stand-in."""
-    _EXTRA[model_id] = target
-
-
-def _extra_builders() -> dict[str, Callable[[Path], object]]:
+def _builder(model_id: str) -> Callable[[Path], object]:
     import importlib
 
-    out = {}
-    for model_id, target in _EXTRA.items():
-        module, _, fn = target.partition(":")
-        out[model_id] = getattr(importlib.import_module(module), fn)
-    return out
+    target = _CORE_BUILDERS.get(model_id) or _EXTRA.get(model_id)
+    if target is None:
+        raise ModelUnavailableError(f"no builder for built-in model {model_id}")
+    module, _, fn = target.partition(":")
+    return getattr(importlib.import_module(module), fn)
 
 
 def ensure_builtin(cache: Path, model_id: str) -> Path:
@@ -111,15 +102,13 @@ def ensure_builtin(cache: Path, model_id: str) -> Path:
     target = model_dir(cache, model_id)
     if is_complete(target):
         return target
-    builders = _builders()
-    if model_id not in builders:
-        raise ModelUnavailableError(f"no builder for built-in model {model_id}")
+    build = _builder(model_id)
     log.info("building built-in model %s into %s", model_id, target)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{model_id}.", dir=target.parent))
     try:
         inner = staging / "m"
-        builders[model_id](inner)
+        build(inner)
         (inner / COMPLETE).write_text("built-in\n")
         if is_complete(target):
             return target

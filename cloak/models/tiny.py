@@ -161,3 +161,19 @@ def build_pipeline_dir(shape_name: str, target: Path, *, prediction_type: str = 
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target
+
+
+def build_tiny_sd(target: Path) -> Path:
+    return build_pipeline_dir("tiny-sd", target)
+
+
+def build_tiny_sd_v(target: Path) -> Path:
+    return build_pipeline_dir("tiny-sd", target, prediction_type="v_prediction")
+
+
+def build_mid_sd(target: Path) -> Path:
+    return build_pipeline_dir("mid-sd", target)
+
+
+def build_sd21_shaped(target: Path) -> Path:
+    return build_pipeline_dir("sd21-shaped", target)
