@@ -19,7 +19,7 @@ def protect(input_dir, output_dir, **kwargs):
 
 def immunize(input_dir, output_dir, **kwargs):
     """Write an immunized model directory (see ``cloak immunize --help``)."""
-    from cloak.api import run_immunize
+    from cloak.immunize.run import run_immunize
 
     return run_immunize(input_dir, output_dir, **kwargs)
 

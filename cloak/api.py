@@ -15,8 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from cloak._progress import Progress
 from cloak.config import Config, cache_dir as resolve_cache_dir, load_config
 from cloak.errors import InputError, OutputExistsError, PartialFailure, UsageError
@@ -458,6 +456,8 @@ def run_purify(input_dir, output_dir, *, common: Common | None = None, **kwargs)
     method = run.method_cls(opts, ctx)
     resolution = int(run.resolution_flag) if run.resolution_flag else None
     prepared = False
+    prepare_seconds = 0.0
+    lpips_to_input = _purify_lpips(ctx)
     output_dir.mkdir(parents=True, exist_ok=True)
     with ctx.progress.task(f"purify {run.method_name}", len(files)) as bar:
         for path, name in zip(files, names):
@@ -473,10 +473,16 @@ def run_purify(input_dir, output_dir, *, common: Common | None = None, **kwargs)
                     img = fit(img, resolution)
                 x = pil_to_tensor(img).unsqueeze(0)
                 if not prepared:
+                    # Model loading, timed apart from the per-image seconds (reported in the summary).
+                    prep = Stopwatch()
                     method.prepare()
                     prepared = True
+                    prepare_seconds = prep.seconds()
+                    clock = Stopwatch()
+                method.record = {}  # per-image figures a method may add (faces restored, t*, ...)
                 with torch.no_grad() if not getattr(method, "needs_grad", False) else _null():
                     y = method(x.to(ctx.device)).detach().float().cpu().clamp(-1, 1)
+                seconds = clock.seconds()
                 if y.shape != x.shape:
                     raise RuntimeError(f"{run.method_name} changed the image size {tuple(x.shape)} → {tuple(y.shape)}")
                 write_png(out, y[0], force=True)
@@ -488,12 +494,48 @@ def run_purify(input_dir, output_dir, *, common: Common | None = None, **kwargs)
                 continue
             qx, qy = ((x + 1) * 127.5).round(), ((y + 1) * 127.5).round()
             mse = float(((qx - qy) / 255).pow(2).mean())
-            run.add_item({"input": str(path), "output": str(out), "status": "ok", "seconds": clock.seconds(),
+            run.add_item({"input": str(path), "output": str(out), "status": "ok", "seconds": seconds,
                           "psnr_to_input": round(10 * torch.log10(torch.tensor(1 / mse)).item(), 3) if mse else None,
-                          "linf_255_to_input": float((qx - qy).abs().max())})
+                          "linf_255_to_input": float((qx - qy).abs().max()),
+                          "lpips_to_input": lpips_to_input(qx / 127.5 - 1, qy / 127.5 - 1) if lpips_to_input else None,
+                          **getattr(method, "record", {})})
             bar.advance(1)
-    report = run.report(opts_record, {})
+    timed = [i.seconds for i in run.items if i.status == "ok" and i.seconds is not None]
+    summary = {
+        "lpips": {"net": "alex", "of": "8-bit output vs input", "computed": lpips_to_input is not None},
+        "prepare_seconds": round(prepare_seconds, 4),
+        "seconds_per_image": round(sum(timed) / len(timed), 4) if timed else None,
+        # DiffShortcut Table 2 counts model loading in its time per sample.
+        "seconds_per_image_with_loading": round((prepare_seconds + sum(timed)) / len(timed), 4) if timed else None,
+    }
+    report = run.report(opts_record, summary)
     return run.finish(report, output_dir)
+
+
+def _purify_lpips(ctx):
+    """LPIPS-alex(output, input) per purified image, or None with a warning when its weights are missing.
+
+    A missing LPIPS backbone must not fail a purification: the items then record ``lpips_to_input: null``.
+    """
+    import torch
+
+    from cloak.errors import ModelUnavailableError
+    from cloak.models.lpips import MIN_SIDE, distance, lpips_model
+
+    try:
+        model = lpips_model(ctx.models, "alex", role="report-lpips")
+    except ModelUnavailableError as exc:
+        reason = str(exc).replace("\nhint: ", "; ")
+        ctx.warn(f"LPIPS to the input not computed (lpips_to_input: null): {reason}")
+        return None
+
+    def lpips_to_input(a, b):
+        if min(a.shape[-2:]) < MIN_SIDE["alex"]:
+            return None
+        with torch.no_grad():
+            return round(float(distance(model, a.to(ctx.device), b.to(ctx.device))[0]), 5)
+
+    return lpips_to_input
 
 
 class _null:
@@ -507,117 +549,13 @@ class _null:
 # ------------------------------------------------------------------------------------------------
 # score
 
-DEFAULT_METRICS_WITH_REF = ["fdfr", "ism"]
-DEFAULT_METRICS_NO_REF = ["fdfr"]
-
-
-def _read_score_images(root: Path, keep_going: bool, run: VerbRun):
-    from cloak.io.images import list_images, load_pil
-    from cloak.score.base import ScoreImage
-
-    files = list_images(root)
-    if not files:
-        raise InputError(f"no images found in {root}")
-    base = root if root.is_dir() else root.parent
-    out = []
-    for path in files:
-        try:
-            rgb = np.asarray(load_pil(path), dtype=np.uint8)
-        except InputError as exc:
-            if not keep_going:
-                raise
-            if run is not None:
-                run.add_item({"input": str(path), "status": "failed", "error": str(exc)})
-            continue
-        out.append(ScoreImage(str(path.relative_to(base).with_suffix("")), str(path), rgb))
-    if not out:
-        raise InputError(f"none of the images in {root} could be read")
-    return out
-
 
 def run_score(generated_dir, *, ref: str | None = None, metrics: list[str] | None = None,
-              fail_if: list[str] | None = None, report_path: str | None = None,
-              common: Common | None = None, **kwargs) -> Report:
-    from cloak.errors import GateFailed
-    from cloak.score import SCORE
-    from cloak.score.base import aggregate
-    from cloak.score.gates import parse_gate
+              fail_if: list[str] | None = None, report_path: str | None = None, per_subdir: bool | None = None,
+              sheet: str | None = None, common: Common | None = None, **kwargs) -> Report:
+    """Score GENERATED against the clean REF (or each GEN_ROOT/<name>/ against REF_ROOT/<name>/ with
+    ``per_subdir``); gates raise :class:`GateFailed` (exit 6). The run lives in :mod:`cloak.score.runner`."""
+    from cloak.score.runner import score_run
 
-    common = common or Common(**kwargs)
-    generated_dir = Path(generated_dir)
-    run = VerbRun("score", SCORE, common, default_method="fdfr", default_model=None)
-    run.method_name = None
-    metric_names = list(run.value("metrics", metrics or None,
-                                  DEFAULT_METRICS_WITH_REF if ref else DEFAULT_METRICS_NO_REF))
-    if isinstance(metric_names, str):
-        metric_names = [m.strip() for m in metric_names.split(",") if m.strip()]
-    for name in metric_names:
-        SCORE.entry(name)  # unknown names → usage error with a suggestion
-    gate_texts = list(fail_if or []) or list(run.cfg.verb("score").get("fail_if", []))
-    run.params["fail_if"] = {"value": gate_texts, "source": "flag" if fail_if else
-                             ("config" if gate_texts else "default")}
-    gates = [parse_gate(g, metric_names) for g in gate_texts]
-    needing_ref = [n for n in metric_names if SCORE.get(n).needs_ref]
-    if needing_ref and ref is None:
-        raise UsageError(f"metric(s) {', '.join(needing_ref)} need the clean reference set: pass --ref DIR")
-
-    # -o metric.key=value → that metric's options
-    per_metric: dict[str, dict[str, str]] = {}
-    for key, value in common.options.items():
-        metric, dot, opt = key.partition(".")
-        if not dot or metric not in metric_names:
-            raise UsageError(f"score options are METRIC.KEY=VALUE for a selected metric, got {key!r}")
-        per_metric.setdefault(metric, {})[opt] = value
-
-    ctx = run.context()
-    images = _read_score_images(generated_dir, common.keep_going, run)
-    ref_images = _read_score_images(Path(ref), False, None) if ref is not None else None
-    if ref is not None:
-        run.params["ref"] = {"value": str(ref), "source": "flag"}
-    table: dict[str, dict] = {}
-    values: dict[str, list] = {}
-    options_record: dict[str, Any] = {}
-    with ctx.progress.task("score", len(metric_names)) as bar:
-        for name in metric_names:
-            cls = SCORE.get(name)
-            layers = [("config", run.cfg.method("score", name)), ("-o", per_metric.get(name, {}))]
-            opts, record = build_options(cls.Options, layers, name)
-            options_record[name] = record
-            metric = cls(opts, ctx)
-            clock = Stopwatch()
-            result = metric.compute(images, ref_images)
-            seconds = clock.seconds()
-            values[name] = result.values
-            stats = aggregate(result.values)
-            if result.value is not None:
-                stats["mean"] = result.value
-            table[name] = {**stats, **cls.describe(), "seconds_per_image": round(seconds / len(images), 5),
-                           **({"extras": result.extras} if result.extras else {})}
-            bar.advance(1, status=name)
-    for i, img in enumerate(images):
-        run.add_item({"input": img.path, "status": "ok",
-                      "scores": {n: values[n][i] for n in metric_names}})
-    gate_results = []
-    for gate in gates:
-        failed, why = gate.evaluate(table)
-        gate_results.append({"gate": gate.text, "failed": failed, "values": why})
-    summary = {"metrics": table, "gates": gate_results, "n_images": len(images)}
-    report = run.report({"metrics": {"value": metric_names, "source": run.params["metrics"]["source"]},
-                         **{f"{k}.{o}": v for k, rec in options_record.items() for o, v in rec.items()}},
-                        summary, method_info={"metrics": {n: SCORE.entry(n).summary for n in metric_names}})
-    report.method = None
-    if report_path:
-        target = Path(report_path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        report.write(target.parent, target.name)
-    failed_gates = [g for g in gate_results if g["failed"]]
-    if failed_gates:
-        exc = GateFailed("; ".join(f"gate failed: {g['gate']} ({g['values']})" for g in failed_gates))
-        exc.report = report
-        raise exc
-    failed = sum(1 for i in run.items if i.status == "failed")
-    if failed:
-        exc = PartialFailure(f"{failed} image(s) could not be read")
-        exc.report = report
-        raise exc
-    return report
+    return score_run(generated_dir, ref=ref, metrics=metrics, fail_if=fail_if, report_path=report_path,
+                     per_subdir=per_subdir, sheet=sheet, common=common or Common(**kwargs))

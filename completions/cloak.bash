@@ -13,10 +13,10 @@ _cloak() {
     "")
       case "$prev" in
       esac
-      COMPREPLY=($(compgen -W "protect purify attack score models methods config completion --version --help" -- "$cur")); return ;;
+      COMPREPLY=($(compgen -W "protect immunize purify attack score models methods config completion --version --help" -- "$cur")); return ;;
     "protect"*)
       case "$prev" in
-        --method|-m) COMPREPLY=($(compgen -W "aspl" -- "$cur")); return ;;
+        --method|-m) COMPREPLY=($(compgen -W "aspl advdm photoguard mist fsmg simac metacloak dladiff cap" -- "$cur")); return ;;
         --ref) COMPREPLY=($(compgen -f -- "$cur")); return ;;
         --eps) COMPREPLY=($(compgen -f -- "$cur")); return ;;
         --eps-unit) COMPREPLY=($(compgen -W "m11 01 255" -- "$cur")); return ;;
@@ -33,9 +33,25 @@ _cloak() {
         --cache-dir) COMPREPLY=($(compgen -f -- "$cur")); return ;;
       esac
       if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--method -m --ref --eps --eps-unit --steps --target-image --model --tiny --effort --resolution --seed --device --dtype --option -o --compat --config --cache-dir --json --jsonl --quiet -q --verbose -v --force --resume --keep-going --help" -- "$cur")); else COMPREPLY=($(compgen -f -- "$cur")); fi; return ;;
+    "immunize"*)
+      case "$prev" in
+        --method|-m) COMPREPLY=($(compgen -W "apdm" -- "$cur")); return ;;
+        --safe) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        --checkpoint-every) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        --model) COMPREPLY=($(compgen -W "tiny-sd tiny-sd-v mid-sd sd21-shaped sd21-base sd15 sd14" -- "$cur")); return ;;
+        --effort) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        --resolution) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        --seed) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        --device) COMPREPLY=($(compgen -W "auto cpu cuda mps" -- "$cur")); return ;;
+        --dtype) COMPREPLY=($(compgen -W "fp32 bf16 fp16" -- "$cur")); return ;;
+        --option|-o) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        --config) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        --cache-dir) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+      esac
+      if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--method -m --safe --checkpoint-every --model --tiny --effort --resolution --seed --device --dtype --option -o --compat --config --cache-dir --json --jsonl --quiet -q --verbose -v --force --resume --help" -- "$cur")); else COMPREPLY=($(compgen -f -- "$cur")); fi; return ;;
     "purify"*)
       case "$prev" in
-        --method|-m) COMPREPLY=($(compgen -W "gaussian jpeg" -- "$cur")); return ;;
+        --method|-m) COMPREPLY=($(compgen -W "gaussian jpeg tvm diffpure ldiffpure ddspure gridpure impress diffshortcut" -- "$cur")); return ;;
         --model) COMPREPLY=($(compgen -W "tiny-sd tiny-sd-v mid-sd sd21-shaped sd21-base sd15 sd14" -- "$cur")); return ;;
         --effort) COMPREPLY=($(compgen -f -- "$cur")); return ;;
         --resolution) COMPREPLY=($(compgen -f -- "$cur")); return ;;
@@ -49,7 +65,7 @@ _cloak() {
       if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--method -m --model --tiny --effort --resolution --seed --device --dtype --option -o --compat --config --cache-dir --json --jsonl --quiet -q --verbose -v --force --resume --keep-going --help" -- "$cur")); else COMPREPLY=($(compgen -f -- "$cur")); fi; return ;;
     "attack"*)
       case "$prev" in
-        --method|-m) COMPREPLY=($(compgen -W "dreambooth" -- "$cur")); return ;;
+        --method|-m) COMPREPLY=($(compgen -W "dreambooth lora diffshortcut ipadapter" -- "$cur")); return ;;
         --ref) COMPREPLY=($(compgen -f -- "$cur")); return ;;
         --prompt) COMPREPLY=($(compgen -f -- "$cur")); return ;;
         --num-images) COMPREPLY=($(compgen -f -- "$cur")); return ;;
@@ -73,16 +89,17 @@ _cloak() {
     "score"*)
       case "$prev" in
         --ref) COMPREPLY=($(compgen -f -- "$cur")); return ;;
-        --metric) COMPREPLY=($(compgen -W "psnr ssim linf fdfr ism" -- "$cur")); return ;;
+        --metric) COMPREPLY=($(compgen -W "psnr ssim linf lpips fdfr ism serfiq ims brisque niqe liqe clipiqa clipiqa-c" -- "$cur")); return ;;
         --fail-if) COMPREPLY=($(compgen -f -- "$cur")); return ;;
         --report) COMPREPLY=($(compgen -f -- "$cur")); return ;;
+        --sheet) COMPREPLY=($(compgen -f -- "$cur")); return ;;
         --seed) COMPREPLY=($(compgen -f -- "$cur")); return ;;
         --device) COMPREPLY=($(compgen -W "auto cpu cuda mps" -- "$cur")); return ;;
         --option|-o) COMPREPLY=($(compgen -f -- "$cur")); return ;;
         --config) COMPREPLY=($(compgen -f -- "$cur")); return ;;
         --cache-dir) COMPREPLY=($(compgen -f -- "$cur")); return ;;
       esac
-      if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--ref --metric --fail-if --report --tiny --seed --device --option -o --config --cache-dir --json --jsonl --quiet -q --verbose -v --keep-going --help" -- "$cur")); else COMPREPLY=($(compgen -f -- "$cur")); fi; return ;;
+      if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--ref --metric --fail-if --report --per-subdir --sheet --tiny --seed --device --option -o --config --cache-dir --json --jsonl --quiet -q --verbose -v --keep-going --help" -- "$cur")); else COMPREPLY=($(compgen -f -- "$cur")); fi; return ;;
     "models")
       case "$prev" in
       esac

@@ -26,11 +26,29 @@ class GenerationOptions(MethodOptions):
 
 
 @dataclass
+class Condition:
+    """One extra conditioning of the sampler (zero-shot attacks: one reference image).
+
+    Its images go to ``gen/<name>/<prompt>/<seed>.png``; ``pipe_kwargs`` go to the pipeline call
+    (e.g. ``ip_adapter_image_embeds``); ``record`` is added to each generated item of the report.
+    """
+
+    name: str = ""
+    pipe_kwargs: dict[str, Any] = field(default_factory=dict)
+    record: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class AttackResult:
     unet: Any
     text_encoder: Any
     summary: dict[str, Any] = field(default_factory=dict)
     pipeline_hook: Any = None  # optional: a callable(pipe) that modifies the pipeline before sampling
+    # Sampling settings the method resolved itself (DiffShortcut: "prompt_suffix", "negative_prompt",
+    # "guidance"); they replace the plain options and are recorded in the report.
+    sampling: dict[str, Any] = field(default_factory=dict)
+    conditions: list[Condition] | None = None  # None: one unconditioned pass, gen/<prompt>/<seed>.png
+    save: Any = None  # optional callable(directory, note): --save-model in the method's own format (LoRA)
 
 
 @dataclass
@@ -42,7 +60,9 @@ class Generated:
 
 
 class AttackMethod(Method):
-    steps_option: ClassVar[str | None] = "steps"
+    steps_option: ClassVar[str | None] = "steps"  # the option --steps sets (None: the method trains nothing)
+    fine_tunes: ClassVar[bool] = True  # False: zero-shot, nothing for --save-model to keep
+    per_reference: ClassVar[bool] = False  # True: generates once per input image, gen/<image>/<prompt>/<seed>.png
 
     def __call__(self, images: ImageSet) -> AttackResult:
         raise NotImplementedError

@@ -13,6 +13,7 @@ from pydantic import Field
 from cloak.attack.base import AttackMethod, AttackResult, GenerationOptions
 from cloak.diffusion import LatentCache
 from cloak.diffusion.class_images import class_images
+from cloak.diffusion.checkpoint import TrainingCheckpoint
 from cloak.diffusion.dreambooth import DreamBoothConfig, DreamBoothTrainer
 from cloak.io.images import ImageSet
 
@@ -27,6 +28,8 @@ class DreamBoothOptions(GenerationOptions):
     instance_prompt: str = Field("a photo of sks person", description="instance prompt")
     class_prompt: str = Field("a photo of person", description="class prompt")
     train_text_encoder: bool = Field(True, description="also fine-tune the text encoder")
+    checkpoint_every: int = Field(500, ge=0, description="write a resumable checkpoint to OUTPUT/.checkpoint every "
+                                  "N training steps (--resume continues from it; 0 = never)")
 
 
 class DreamBooth(AttackMethod):
@@ -40,20 +43,28 @@ class DreamBooth(AttackMethod):
         ctx, o = self.ctx, self.opts
         class_latents = None
         if o.class_images > 0 and o.prior_weight > 0:
-            cls = class_images(sd, o.class_prompt, o.class_images, ctx.cache_dir, steps=o.class_image_steps,
-                               resolution=ctx.resolution)
+            with _LazyBar(ctx.progress, "class images") as bar:
+                cls = class_images(sd, o.class_prompt, o.class_images, ctx.cache_dir, steps=o.class_image_steps,
+                                   resolution=ctx.resolution, progress=bar)
             class_latents = LatentCache.encode(sd.vae, cls.to(ctx.device, sd.vae.dtype))
         instances = LatentCache.encode(sd.vae, images.pixels.to(ctx.device, sd.vae.dtype))
-        trainer = DreamBoothTrainer(sd, unet, text_encoder, cfg, class_latents=class_latents,
-                                    generator=ctx.generator)
+        trainer = self.make_trainer(sd, unet, text_encoder, cfg, class_latents)
         steps = ctx.iters(o.steps)
         batch = min(o.batch_size, len(instances))
         losses = []
         order = torch.randperm(len(instances), generator=ctx.generator).tolist()
         cls_order = torch.randperm(len(class_latents), generator=ctx.generator).tolist() if class_latents else []
-        cursor = cls_cursor = 0
+        cursor = cls_cursor = start = 0
+        checkpoint = TrainingCheckpoint.for_run(ctx, self.checkpoint_identity(images, sd, steps), o.checkpoint_every)
+        restored = checkpoint.restore(trainer.params, trainer.optimizer, ctx.generator) if checkpoint else None
+        if restored:
+            start, loop = restored
+            order, cursor, cls_order, cls_cursor, losses = (loop["order"], loop["cursor"], loop["cls_order"],
+                                                            loop["cls_cursor"], loop["losses"])
         with ctx.progress.task(f"{self.name} training", steps) as bar:
-            for _ in range(steps):
+            if start:
+                bar.advance(start, status=f"resumed at step {start}")
+            for step in range(start, steps):
                 idx = []
                 for _ in range(batch):  # shuffled epochs, as a DataLoader with shuffle=True
                     if cursor == len(order):
@@ -72,11 +83,31 @@ class DreamBooth(AttackMethod):
                 loss = trainer.step(instances.sample(idx, ctx.generator), cls_idx)
                 losses.append(loss)
                 bar.advance(1, status=f"loss {loss:.4f}")
+                if checkpoint and checkpoint.due(step + 1):
+                    checkpoint.save(step + 1, trainer.params, trainer.optimizer, ctx.generator,
+                                    {"order": order, "cursor": cursor, "cls_order": cls_order,
+                                     "cls_cursor": cls_cursor, "losses": losses})
         trainer.freeze()
+        if cfg.bf16_weights:  # [Q] trained in bf16; sample with the rounded weights at the pipeline's dtype
+            unet.to(dtype=sd.unet.dtype)
+            text_encoder.to(dtype=sd.text_encoder.dtype)
         tail = losses[-max(1, len(losses) // 10):]
         return AttackResult(unet, text_encoder, summary={
-            "train_steps": steps, "first_loss": losses[0] if losses else None,
+            "train_steps": steps, "resumed_at_step": start or None, "first_loss": losses[0] if losses else None,
             "final_loss_mean_last_10pct": sum(tail) / len(tail) if losses else None})
+
+    def make_trainer(self, sd, unet, text_encoder, cfg: DreamBoothConfig, class_latents) -> DreamBoothTrainer:
+        """The trainer of this attack (adapters: a subclass that trains only the adapter weights)."""
+        return DreamBoothTrainer(sd, unet, text_encoder, cfg, class_latents=class_latents,
+                                 generator=self.ctx.generator)
+
+    def checkpoint_identity(self, images: ImageSet, sd, steps: int) -> dict:
+        """What determines the trained weights: a checkpoint made under anything else is not resumed."""
+        sampling_only = set(GenerationOptions.model_fields) | {"checkpoint_every"}
+        ctx = self.ctx
+        return {"method": self.name, "model": sd.id, "seed": ctx.seed, "compat": ctx.compat, "steps": steps,
+                "dtype": str(ctx.dtype), "inputs": [item.sha256 for item in images.items],
+                "options": {k: v for k, v in self.opts.model_dump(mode="json").items() if k not in sampling_only}}
 
     def config(self) -> DreamBoothConfig:
         o = self.opts
@@ -88,3 +119,23 @@ class DreamBooth(AttackMethod):
         sd = self.ctx.models.sd(self.ctx.model, role="base")
         unet, text_encoder = sd.trainable_copy()
         return self.train(images, sd, unet, text_encoder, self.config())
+
+
+class _LazyBar:
+    """A progress bar that appears only if work is reported (cached class images report none)."""
+
+    def __init__(self, progress, description: str):
+        self.progress, self.description, self.task = progress, description, None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.task is None:
+            self.task = self.progress.task(self.description, total)
+            self.task.__enter__()
+        self.task.advance(1)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.task is not None:
+            self.task.__exit__(*exc)

@@ -15,6 +15,8 @@ HELP = """Personalize a model on the images of INPUT, as an adversary would, and
 Writes OUTPUT/gen/<prompt>/<seed>.png and OUTPUT/report.json. Score the result with
 `cloak score OUTPUT/gen --ref CLEAN`. With --ref, the report also gives the fine-tuned model's
 denoising loss on the clean photos (fixed draws): higher means the protection worked.
+Training writes a checkpoint to OUTPUT/.checkpoint every few hundred steps; --resume continues from it.
+Zero-shot methods (ipadapter) generate once per reference image: OUTPUT/gen/<image>/<prompt>/<seed>.png.
 """
 
 EPILOG = """Examples:
@@ -24,6 +26,8 @@ EPILOG = """Examples:
   cloak attack --prompt 'a photo of sks person' --num-images 4 protected/ attacked/
 
   cloak attack --model ./immunized-model photos/ attacked/ --save-model ./personalized
+
+  cloak purify --method diffshortcut protected/ purified/ && cloak attack --method diffshortcut purified/ attacked/
 """
 
 
@@ -45,7 +49,7 @@ def register(app: typer.Typer) -> None:
                                                        "ddpm.")] = None,
         steps: Annotated[Optional[int], typer.Option("--steps", help="Training steps.")] = None,
         save_model: Annotated[Optional[Path], typer.Option("--save-model", help="Keep the fine-tuned model "
-                                                           "(a diffusers directory).")] = None,
+                                                           "(a diffusers directory; lora: the adapter file).")] = None,
         model: O.ModelOpt = None,
         tiny: O.TinyOpt = False,
         effort: O.EffortOpt = None,

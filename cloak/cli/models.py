@@ -30,10 +30,15 @@ def list_models(cache_dir: CacheOpt = None, as_json: JsonOpt = False) -> None:
     cache = _cache(cache_dir)
     rows = []
     for spec in CATALOG.values():
-        present = is_complete(model_dir(cache, spec.id))
+        if spec.source.startswith("pip:"):
+            present = _packaged(spec.id)
+        else:
+            present = is_complete(model_dir(cache, spec.id))
         pinned = all(f.sha256 for f in spec.files) and bool(spec.files)
-        rows.append({"id": spec.id, "kind": spec.kind, "status": "built-in" if spec.builtin else
-                     ("cached" if present else "missing"), "licence": spec.licence,
+        status = "built-in" if spec.builtin else ("cached" if present else "missing")
+        if spec.source.startswith("pip:"):
+            status = "packaged" if present else "package missing"
+        rows.append({"id": spec.id, "kind": spec.kind, "status": status, "licence": spec.licence,
                      "non_commercial": spec.non_commercial, "source": spec.source, "revision": spec.revision,
                      "checksum": "pinned" if pinned else ("n/a" if spec.builtin else "recorded at pull"),
                      "stand_in": spec.stand_in, "description": spec.description, "notes": spec.notes})
@@ -52,6 +57,17 @@ def list_models(cache_dir: CacheOpt = None, as_json: JsonOpt = False) -> None:
         t.add_row(r["id"], r["status"], lic, r["description"])
     _output.err.print(t)
     _output.err.print(f"cache: {cache}")
+
+
+def _packaged(model_id: str) -> bool:
+    from cloak.errors import CloakError
+    from cloak.models.packaged import package_dir
+
+    try:
+        package_dir(model_id)
+        return True
+    except CloakError:
+        return False
 
 
 @app.command("pull")

@@ -19,6 +19,11 @@ code 6 when their expression is true, naming each failed gate.
 
 Gate expressions: METRIC[.mean|.std|.n] OP NUMBER, joined with `and` / `or`; OP is one of
 < <= > >= == !=. Example: 'ism>0.35 or fdfr<0.5'.
+
+With --per-subdir, GENERATED and --ref are roots: each GENERATED/<name>/ (or <name>/gen/, as
+`cloak attack` writes it) is scored against REF/<name>/, and the table (and the gates) use the mean
+over subjects of each subject's mean. Metric options: -o METRIC.KEY=VALUE (e.g. -o ism.backend=dlib);
+`cloak methods show METRIC` lists them.
 """
 
 EPILOG = """Examples:
@@ -28,6 +33,10 @@ EPILOG = """Examples:
   cloak score attacked/gen --ref photos/ --fail-if 'ism>0.35' --fail-if 'fdfr<0.5'   (CI gate: exit 6)
 
   cloak score protected/ --ref photos/ --metric psnr --metric ssim --metric linf --json
+
+  cloak score gen/ --ref photos/ --metric fdfr,ism -o fdfr.backend=dlib -o ism.backend=dlib   (no GPU, no hub)
+
+  cloak score attacks/ --ref photos/ --per-subdir --metric ism,serfiq,brisque --sheet sheet.png
 
   cloak methods score                       (every metric, its direction and range)
 """
@@ -44,6 +53,11 @@ def register(app: typer.Typer) -> None:
                                                              "when EXPR is true; repeatable.")] = None,
         report: Annotated[Optional[Path], typer.Option("--report", help="Also write the JSON report to this "
                                                        "file.")] = None,
+        per_subdir: Annotated[Optional[bool], typer.Option("--per-subdir", help="Score each subdirectory of "
+                                                           "GENERATED against the same-named one of --ref; "
+                                                           "aggregate over subjects.", show_default=False)] = None,
+        sheet: Annotated[Optional[Path], typer.Option("--sheet", metavar="PNG", help="Write a contact sheet: "
+                                                      "reference and generated images with their scores.")] = None,
         tiny: O.TinyOpt = False,
         seed: O.SeedOpt = None,
         device: O.DeviceOpt = None,
@@ -65,7 +79,8 @@ def register(app: typer.Typer) -> None:
                    cache_dir=cache_dir, quiet=quiet, verbose=verbose, jsonl=jsonl)
         try:
             result = run_score(generated_dir, ref=str(ref) if ref else None, metrics=metrics or None,
-                               fail_if=fail_if, report_path=str(report) if report else None, common=c)
+                               fail_if=fail_if, report_path=str(report) if report else None,
+                               per_subdir=per_subdir, sheet=str(sheet) if sheet else None, common=c)
         except CloakError as exc:
             stop_progress(c)
             if getattr(exc, "report", None) is not None:
@@ -95,6 +110,17 @@ def _render(report, as_json: bool, quiet: bool) -> None:
         t.add_row(name, _num(row["mean"]), _num(row["std"]), str(row["n"]), "lower" if row["lower_better"] else
                   "higher", f"[{_num(lo)}, {_num(hi)}]")
     _output.err.print(t)
+    subjects = report.summary.get("subjects") or {}
+    if subjects:
+        names = list(table)
+        st = Table(title=f"per subject (table above: {report.summary.get('aggregation')})", show_edge=False)
+        st.add_column("subject")
+        st.add_column("n")
+        for name in names:
+            st.add_column(name)
+        for subject, row in subjects.items():
+            st.add_row(subject, str(row["n_images"]), *(_num(row["metrics"][n]["mean"]) for n in names))
+        _output.err.print(st)
     for g in report.summary.get("gates", []):
         mark = "[red]FAIL[/red]" if g["failed"] else "[green]pass[/green]"
         _output.err.print(f"{mark} {g['gate']}  ({g['values']})")

@@ -64,8 +64,13 @@ def generate(
     negative_prompt: str | None = None,
     batch_size: int = 4,
     on_image: Callable[[int, np.ndarray], None] | None = None,
+    **pipe_kwargs,
 ) -> list[np.ndarray]:
-    """One uint8 H×W×3 image per seed (seed i → ``torch.Generator().manual_seed(i)``), batched."""
+    """One uint8 H×W×3 image per seed (seed i → ``torch.Generator().manual_seed(i)``), batched.
+
+    ``pipe_kwargs`` go to every pipeline call unchanged (e.g. ``ip_adapter_image_embeds``: one
+    embedding per adapter, which the pipeline repeats over the batch).
+    """
     images: list[np.ndarray] = []
     for start in range(0, len(seeds), batch_size):
         chunk = seeds[start:start + batch_size]
@@ -77,7 +82,7 @@ def generate(
         out = pipe(
             [prompt] * len(chunk), negative_prompt=[negative_prompt] * len(chunk) if negative_prompt else None,
             num_inference_steps=steps, guidance_scale=guidance, height=resolution, width=resolution,
-            generator=gens, latents=latents, output_type="np",
+            generator=gens, latents=latents, output_type="np", **pipe_kwargs,
         ).images
         for i, img in enumerate(out):
             arr = (np.clip(img, 0, 1) * 255).round().astype(np.uint8)

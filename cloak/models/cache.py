@@ -21,9 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cloak.errors import CloakError, ModelUnavailableError, UsageError
-# register_builder lives in catalog so catalog.py can register stand-in builders at import time without a
-# circular import (cache imports catalog); it is re-exported here.
-from cloak.models.catalog import _EXTRA, CATALOG, ModelSpec, get_spec, register_builder  # noqa: F401
+from cloak.models.catalog import _EXTRA, CATALOG, ModelSpec, get_spec, register_builder  # noqa: F401 (re-export)
 from cloak.registry import suggest
 
 log = logging.getLogger("cloak.models")
@@ -151,6 +149,10 @@ def pull(cache: Path, model_id: str, *, progress: Callable[[str], None] | None =
     spec = spec_or_error(model_id)
     if spec.builtin:
         return ensure_builtin(cache, model_id)
+    if spec.source.startswith("pip:"):  # ships inside an installed package: nothing to download or cache
+        from cloak.models.packaged import package_dir
+
+        return package_dir(model_id)
     if os.environ.get("CLOAK_OFFLINE") in ("1", "true", "yes"):
         raise ModelUnavailableError(f"cannot pull {model_id}: CLOAK_OFFLINE is set")
     target = model_dir(cache, model_id)

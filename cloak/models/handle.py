@@ -136,6 +136,17 @@ class Models:
     def any_stand_in(self) -> bool:
         return any(r.stand_in for r in self._records.values())
 
+    def packaged(self, model_id: str, role: str) -> Path:
+        """Directory of weights shipped in an installed package (catalog ``source="pip:..."``).
+
+        Real weights that install offline; never replaced by a stand-in (also with ``--tiny``).
+        """
+        from cloak.models.packaged import package_dir
+
+        path = Path(self.overrides[model_id]).expanduser() if model_id in self.overrides else package_dir(model_id)
+        self._record(role, model_id, path, None, False)
+        return path
+
     def memo(self, key: tuple, build):
         if key not in self._memo:
             self._memo[key] = build()

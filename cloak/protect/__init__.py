@@ -5,3 +5,19 @@ from cloak.registry import Registry
 PROTECT = Registry("protect")
 PROTECT.register_lazy("aspl", "cloak.protect.aspl:Aspl",
                       "Anti-DreamBooth ASPL: alternate surrogate DreamBooth and PGD (Le+ ICCV'23)")
+PROTECT.register_lazy("advdm", "cloak.protect.advdm:AdvDM",
+                      "AdvDM: PGD ascent on the frozen LDM's denoising loss (Liang+ ICML'23)")
+PROTECT.register_lazy("photoguard", "cloak.protect.photoguard:PhotoGuard",
+                      "PhotoGuard encoder attack: pull the VAE latent to a target's (Salman+ ICML'23)")
+PROTECT.register_lazy("mist", "cloak.protect.mist:Mist",
+                      "Mist: textural + semantic loss, fused (Liang & Wu 2023)")
+PROTECT.register_lazy("fsmg", "cloak.protect.fsmg:Fsmg",
+                      "Anti-DreamBooth FSMG: PGD against a cached DreamBooth surrogate (Le+ ICCV'23)")
+PROTECT.register_lazy("simac", "cloak.protect.simac:Simac",
+                      "SimAC: ASPL + greedy timestep selection + feature interference (Wang+ CVPR'24)")
+PROTECT.register_lazy("metacloak", "cloak.protect.metacloak:MetaCloak",
+                      "MetaCloak: snapshot pool, unrolled learner, EoT transforms (Liu+ CVPR'24)")
+PROTECT.register_lazy("dladiff", "cloak.protect.dladiff:DLADiff",
+                      "DLADiff: dual surrogates + attention disruption, then PGD vs identity encoders (Jia+ 2025)")
+PROTECT.register_lazy("cap", "cloak.protect.cap:Cap",
+                      "CAP: cross-image Gram-style consistency plug-in on aspl/fsmg/simac (Wang+ 2025)")

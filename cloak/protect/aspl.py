@@ -1,22 +1,39 @@
-"""ASPL — Alternating Surrogate and Perturbation Learning (Anti-DreamBooth, Le et al. ICCV'23).
+"""ASPL — Alternating Surrogate and Perturbation Learning (Anti-DreamBooth, Le et al. ICCV'23),
+with its ensemble (E-ASPL) and targeted (T-ASPL) variants.
 
 protect.md §2. Each iteration: a scratch learner f' (a copy of the persistent surrogate f) is
 DreamBooth-tuned on the clean reference set, the images take K PGD steps that raise f's denoising
 loss, then f itself is tuned on the current poison so it tracks what an attacker's model would learn.
+
+E-ASPL (``-o models=sd14,sd15,sd21-base``): every model j keeps its own f_j; each iteration every
+model runs its own f'_j, its own K PGD steps from the shared x, and its own f_j update on its own
+result, then x ← mean_j x_j [C: attacks/ensemble_aspl.py]. One model is on the accelerator at a time.
+
+T-ASPL (``--target-image`` or ``-o target_image=``): the PGD loss becomes the targeted loss of §1,
+``L_dn − w·MSE(ẑ_{t−1}, q(z_tgt, ε, t−1))``.
+
+The PGD structure ``pgd() → draw() / loss() / update()`` is shared by the whole family (FSMG, SimAC,
+MetaCloak subclass this class) and by plug-ins (CAP overrides ``update``).
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+import hashlib
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
-from pydantic import Field
+import torch.nn.functional as F
+from pydantic import Field, field_validator
 
 from cloak.adversarial import pgd_step
-from cloak.diffusion import Draw, LatentCache, denoising_loss, encode_latents, encode_prompts
+from cloak.diffusion import Draw, LatentCache, encode_latents, encode_prompts, sample_noise, training_target
 from cloak.diffusion.class_images import class_images
 from cloak.diffusion.dreambooth import DreamBoothConfig, DreamBoothTrainer, autocast_for, copy_params
+from cloak.diffusion.surrogate import SnapshotPool
 from cloak.io.images import ImageSet
+from cloak.methods import MethodOptions
 from cloak.protect.base import BudgetOptions, ProtectMethod, ProtectResult
 
 
@@ -32,77 +49,174 @@ class SurrogateOptions(BudgetOptions):
     train_text_encoder: bool = Field(True, description="surrogate DreamBooth also trains the text encoder")
 
 
+class TargetOptions(MethodOptions):
+    """The targeted variant (T-ASPL / T-FSMG, protect.md §1): on when a target image is given."""
+
+    target_image: str | None = Field(
+        None, description="target image: turns on the targeted loss L_dn − w·MSE(ẑ_{t−1}, q(z_tgt, ε, t−1)) "
+                          "(or --target-image)")
+    target_weight: float = Field(1.0, ge=0, description="weight w of the targeted term")
+
+
+@dataclass
+class FamilyDraw(Draw):
+    """A ``Draw`` plus whatever else one PGD step of a family member draws (DDPM step noise for the
+    targeted loss, SimAC's clean-branch posterior noise, EoT parameters), so every evaluation of the
+    step's loss — CAP evaluates many candidates — sees the same randomness."""
+
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def ddpm_prev_sample(scheduler, model_output: torch.Tensor, timesteps: torch.Tensor, sample: torch.Tensor,
+                     noise: torch.Tensor) -> torch.Tensor:
+    """DDPM posterior step ẑ_{t−1} (diffusers ``DDPMScheduler.step``, variance "fixed_small"), batched
+    over per-image t and differentiable; ``noise`` is the step's variance noise (unused where t = 0)."""
+    cfg = scheduler.config
+    ac = scheduler.alphas_cumprod.to(sample.device, torch.float32)
+    t = timesteps.long()
+    a_t = ac[t].view(-1, 1, 1, 1)
+    a_prev = torch.where(t > 0, ac[(t - 1).clamp(min=0)], torch.ones_like(ac[t])).view(-1, 1, 1, 1)
+    b_t, b_prev = 1 - a_t, 1 - a_prev
+    cur_a = a_t / a_prev
+    cur_b = 1 - cur_a
+    if cfg.prediction_type == "epsilon":
+        x0 = (sample - b_t.sqrt() * model_output) / a_t.sqrt()
+    elif cfg.prediction_type == "v_prediction":
+        x0 = a_t.sqrt() * sample - b_t.sqrt() * model_output
+    else:
+        raise ValueError(f"unsupported prediction_type {cfg.prediction_type!r}")
+    if getattr(cfg, "clip_sample", False):
+        r = getattr(cfg, "clip_sample_range", 1.0)
+        x0 = x0.clamp(-r, r)
+    mean = (a_prev.sqrt() * cur_b / b_t) * x0 + (cur_a.sqrt() * b_prev / b_t) * sample
+    std = ((b_prev / b_t) * cur_b).clamp(min=1e-20).sqrt()
+    keep = (t > 0).view(-1, 1, 1, 1).to(sample.dtype)
+    return mean + keep * std * noise.to(sample.dtype)
+
+
 class Aspl(ProtectMethod):
     paper = "Le et al., Anti-DreamBooth, ICCV 2023 (arXiv 2303.15433)"
-    implements = "ASPL per VinAIResearch/Anti-DreamBooth attacks/aspl.py; fp32 surrogate weights unless --compat"
+    implements = ("ASPL per VinAIResearch/Anti-DreamBooth attacks/aspl.py, E-ASPL per attacks/ensemble_aspl.py "
+                  "(-o models=...), T-ASPL with a target image; fp32 surrogate weights unless --compat")
     uses_ref = True
     steps_option = "iterations"
 
-    class Options(SurrogateOptions):
+    class Options(TargetOptions, SurrogateOptions):
         iterations: int = Field(50, ge=0, description="outer ASPL iterations N")
         surrogate_steps: int = Field(3, ge=0, description="DreamBooth steps per surrogate update (n)")
         pgd_steps: int = Field(6, ge=0, description="PGD steps per iteration (K)")
         persistent_cycling: bool = Field(
             False, description="continue the image index across surrogate calls (released code restarts at 0, "
                                "so only images 0..n-1 are ever used) [PROP option]")
+        models: list[str] = Field([], description="E-ASPL: base models of the ensemble, comma-separated "
+                                                  "(paper: sd14,sd15,sd21-base); empty = --model alone")
+
+        @field_validator("models", mode="before")
+        @classmethod
+        def _split(cls, value):
+            if isinstance(value, str):
+                return [v.strip() for v in value.split(",") if v.strip()]
+            return value
 
     tiny_options: ClassVar[dict] = {"class_images": 2, "iterations": 2, "surrogate_steps": 1, "pgd_steps": 2}
-    notes: ClassVar[str] = "Clean reference set (set A) from --ref; without it the input images stand in for it."
+    notes: ClassVar[str] = ("Clean reference set (set A) from --ref; without it the input images stand in for it. "
+                            "E-ASPL keeps one model on the accelerator at a time; T-ASPL needs a target image.")
 
+    pgd_steps_done = 0  # global PGD step counter k (CAP switches on at k̂ = K/2)
+    _target_latents: torch.Tensor | None = None
+
+    # --- the run --------------------------------------------------------------------------------
     def __call__(self, images: ImageSet) -> ProtectResult:
-        ctx, o = self.ctx, self.opts
-        sd = ctx.models.sd(ctx.model)
-        gen = ctx.generator
+        ctx = self.ctx
         x0 = images.pixels.to(ctx.device, ctx.dtype)
         clean = (ctx.ref.pixels if ctx.ref is not None else images.pixels).to(ctx.device, ctx.dtype)
-
-        trainers = self.surrogate_pair(sd, clean)
-        learner, surrogate = trainers
-        ref_latents = self._ref_latents
-        n_f, n_pgd = ctx.iters(o.surrogate_steps), ctx.iters(o.pgd_steps)
-        iterations = ctx.iters(o.iterations)
-        eps, alpha = o.eps_m11, o.alpha_m11
-
+        ids = self.model_ids()
+        if len(ids) > 1:
+            return self._ensemble(x0, clean)
+        sd = ctx.models.sd(ids[0] if ids else ctx.model)
+        self.prepare_target(sd, x0.shape[0])
+        learner, surrogate = self.surrogate_pair(sd, clean)
+        self.prepare(sd, x0)
+        state = {"ref": self._ref_latents, "cursors": [0, 0]}
+        iterations = ctx.iters(self.opts.iterations)
         x = x0.clone()
-        clean_cursor = poison_cursor = 0
         history = []
-        with ctx.progress.task("aspl", iterations) as bar:
+        with ctx.progress.task(self.name or "aspl", iterations) as bar:
             for _ in range(iterations):
-                # f' ← DB(copy(f), A_clean, n): weights copied into a preallocated twin, optimizer state zeroed.
-                copy_params(surrogate.unet, learner.unet)
-                copy_params(surrogate.text_encoder, learner.text_encoder)
-                learner.reset_optimizer()
-                learner.unfreeze()
-                clean_cursor = self.tune(learner, ref_latents.sample, len(ref_latents), n_f, clean_cursor)
-                learner.freeze()
-                x, loss = self.pgd(sd, learner.unet, learner.text_encoder, x, x0, n_pgd, eps, alpha)
-                # f ← DB(f, x, n): the surrogate follows the poisoned learner.
-                surrogate.reset_optimizer()
-                poison = _PixelLatents(surrogate, x.detach())
-                poison_cursor = self.tune(surrogate, poison.sample, len(x), n_f, poison_cursor)
+                x, loss = self.iteration(sd, learner, surrogate, x, x0, state)
                 history.append(loss)
                 bar.advance(1, status=f"loss {loss:.4f}")
-        return ProtectResult(x.detach(), summary={"final_pgd_loss": history[-1] if history else None,
-                                                  "clean_reference": "ref" if ctx.ref is not None else "input"})
+        return ProtectResult(x.detach(), summary=self.summary(history))
 
-    # --- pieces shared with the other members of the family (SimAC, CAP hosts, ...) ---------------
+    def iteration(self, sd, learner: DreamBoothTrainer, surrogate: DreamBoothTrainer, x, x0, state: dict):
+        """One ASPL iteration: f' ← DB(copy(f), A, n); K PGD steps against f'; f ← DB(f, x, n)."""
+        o, ctx = self.opts, self.ctx
+        n_f, n_pgd = ctx.iters(o.surrogate_steps), ctx.iters(o.pgd_steps)
+        ref_latents, cursors = state["ref"], state["cursors"]
+        # f' ← DB(copy(f), A_clean, n): weights copied into a preallocated twin, optimizer state zeroed.
+        copy_params(surrogate.unet, learner.unet)
+        copy_params(surrogate.text_encoder, learner.text_encoder)
+        learner.reset_optimizer()
+        learner.unfreeze()
+        cursors[0] = self.tune(learner, ref_latents.sample, len(ref_latents), n_f, cursors[0])
+        learner.freeze()
+        x, loss = self.pgd(sd, learner.unet, learner.text_encoder, x, x0, n_pgd, o.eps_m11, o.alpha_m11)
+        # f ← DB(f, x, n): the surrogate follows the poisoned learner.
+        surrogate.reset_optimizer()
+        poison = _PixelLatents(surrogate, x.detach())
+        cursors[1] = self.tune(surrogate, poison.sample, len(x), n_f, cursors[1])
+        return x, loss
+
+    def summary(self, history: list[float]) -> dict[str, Any]:
+        out: dict[str, Any] = {"final_pgd_loss": history[-1] if history else None,
+                               "clean_reference": "ref" if self.ctx.ref is not None else "input",
+                               "pgd_steps": self.pgd_steps_done, "surrogate_weights": self.weights_note()}
+        if self._target_latents is not None:
+            out["targeted"] = self._target_record
+        if len(self.model_ids()) > 1:
+            out["ensemble"] = self.model_ids()
+        return out
+
+    def weights_note(self) -> str:
+        return "bf16 weights trained directly (--compat, as released)" if self.ctx.compat else \
+            "fp32 master weights"
+
+    def total_pgd_steps(self) -> int:
+        """K: PGD steps of the whole run (every ensemble member's steps count), for CAP's k̂ = K/2."""
+        o, ctx = self.opts, self.ctx
+        return ctx.iters(o.iterations) * ctx.iters(o.pgd_steps) * max(1, len(self.model_ids()))
+
+    def model_ids(self) -> list[str]:
+        return list(getattr(self.opts, "models", None) or [])
+
+    def prepare(self, sd, x0: torch.Tensor) -> None:
+        """Hook run once before the loop (SimAC selects its timesteps here)."""
+
+    # --- pieces shared with the other members of the family (FSMG, SimAC, MetaCloak, CAP hosts) -----
+    def db_config(self) -> DreamBoothConfig:
+        o = self.opts
+        return DreamBoothConfig(lr=o.lr, prior_weight=o.prior_weight, train_text_encoder=o.train_text_encoder,
+                                instance_prompt=o.instance_prompt, class_prompt=o.class_prompt,
+                                bf16_weights=self.ctx.compat)
+
+    def class_latents(self, sd) -> LatentCache | None:
+        ctx, o = self.ctx, self.opts
+        if o.class_images <= 0 or o.prior_weight <= 0:
+            return None
+        cls = class_images(sd, o.class_prompt, o.class_images, ctx.cache_dir, steps=o.class_image_steps,
+                           resolution=ctx.resolution)
+        return LatentCache.encode(sd.vae, cls.to(ctx.device, ctx.dtype))
+
     def surrogate_pair(self, sd, clean: torch.Tensor) -> tuple[DreamBoothTrainer, DreamBoothTrainer]:
         """(learner f', persistent surrogate f), each with its own weights and optimizer, made once."""
-        ctx, o = self.ctx, self.opts
-        class_latents = None
-        if o.class_images > 0 and o.prior_weight > 0:
-            cls = class_images(sd, o.class_prompt, o.class_images, ctx.cache_dir, steps=o.class_image_steps,
-                               resolution=ctx.resolution)
-            class_latents = LatentCache.encode(sd.vae, cls.to(ctx.device, ctx.dtype))
+        class_latents = self.class_latents(sd)
         self._ref_latents = LatentCache.encode(sd.vae, clean)
         self._n_class = len(class_latents) if class_latents is not None else 0
-        cfg = DreamBoothConfig(lr=o.lr, prior_weight=o.prior_weight, train_text_encoder=o.train_text_encoder,
-                               instance_prompt=o.instance_prompt, class_prompt=o.class_prompt,
-                               bf16_weights=ctx.compat)
+        cfg, gen = self.db_config(), self.ctx.generator
         pair = []
         for _ in range(2):
             unet, te = sd.trainable_copy()
-            pair.append(DreamBoothTrainer(sd, unet, te, cfg, class_latents=class_latents, generator=ctx.generator))
+            pair.append(DreamBoothTrainer(sd, unet, te, cfg, class_latents=class_latents, generator=gen))
         return pair[0], pair[1]
 
     def tune(self, trainer: DreamBoothTrainer, sample, n_images: int, steps: int, cursor: int) -> int:
@@ -110,17 +224,17 @@ class Aspl(ProtectMethod):
 
         Returns the next cursor: 0 (restart, released behaviour) unless ``persistent_cycling``.
         """
-        start = cursor if self.opts.persistent_cycling else 0
+        start = cursor if getattr(self.opts, "persistent_cycling", False) else 0
         for s in range(steps):
             i = (start + s) % n_images
             cls = [(start + s) % self._n_class] if self._n_class else None
             trainer.step(sample([i], self.ctx.generator), cls)
         return start + steps
 
-    def pgd(self, sd, unet, text_encoder, x, x0, steps: int, eps: float, alpha: float):
-        """``steps`` PGD ascent steps on L_dn of the frozen (unet, text_encoder); whole batch per step.
+    def pgd(self, sd, unet, text_encoder, x, x0, steps: int, eps: float, alpha: float, bar=None):
+        """``steps`` PGD ascent steps on the loss of the frozen (unet, text_encoder); whole batch per step.
 
-        Each step draws its randomness once (``Draw``) and hands ``update`` a loss of x alone, so a
+        Each step draws its randomness once (``draw``) and hands ``update`` a loss of x alone, so a
         plug-in (CAP) can evaluate several candidate steps on the same draw.
         """
         with torch.no_grad():
@@ -134,21 +248,50 @@ class Aspl(ProtectMethod):
 
             x, loss_value = self.update(x, x0, loss_fn, eps, alpha)
             self.pgd_steps_done += 1
+            if bar is not None:
+                bar.advance(1, status=f"loss {loss_value:.4f}")
         return x.detach(), loss_value
 
-    pgd_steps_done = 0  # global PGD step counter k (CAP switches on at k̂ = K/2)
-
-    def draw(self, sd, x) -> Draw:
+    def latent_shape(self, sd, x) -> tuple[int, int, int]:
         f = sd.vae_scale_factor
-        shape = (sd.unet.config.in_channels, x.shape[-2] // f, x.shape[-1] // f)
-        return Draw.sample(x.shape[0], shape, sd.noise_scheduler, self.ctx.generator, x.device)
+        return (sd.unet.config.in_channels, x.shape[-2] // f, x.shape[-1] // f)
+
+    def draw_timesteps(self, sd, x) -> torch.Tensor | None:
+        """Timesteps of one PGD step; None = uniform over all T (SimAC restricts them per image)."""
+        return None
+
+    def draw(self, sd, x) -> FamilyDraw:
+        shape = self.latent_shape(sd, x)
+        d = Draw.sample(x.shape[0], shape, sd.noise_scheduler, self.ctx.generator, x.device,
+                        timesteps=self.draw_timesteps(sd, x))
+        extra = {}
+        if self._target_latents is not None:
+            extra["step_noise"] = sample_noise((x.shape[0], *shape), self.ctx.generator, x.device)
+        return FamilyDraw(d.timesteps, d.noise, d.posterior_noise, extra)
 
     def loss(self, sd, unet, pixels, text, draw: Draw) -> torch.Tensor:
-        """L_dn of ``pixels`` (gradient flows through the VAE encoder) on one fixed draw."""
+        """L_dn of ``pixels`` (gradient flows through the VAE encoder) on one fixed draw; with a target,
+        the targeted loss of protect.md §1."""
         latents = encode_latents(sd.vae, pixels, posterior_noise=draw.posterior_noise)
+        scheduler = sd.noise_scheduler
+        n = latents.shape[0]
+        dt = next(unet.parameters()).dtype  # bf16 under --compat (weights trained in bf16, as released)
         with autocast_for(latents.device):
-            return denoising_loss(unet, sd.noise_scheduler, latents, text.to(latents.dtype), self.ctx.generator,
-                                  timesteps=draw.timesteps, noise=draw.noise)
+            noisy = scheduler.add_noise(latents, draw.noise.to(latents.dtype), draw.timesteps)
+            pred = unet(noisy.to(dt), draw.timesteps, text.to(dt).expand(n, *text.shape[1:])).sample
+        target = training_target(scheduler, latents, draw.noise.to(latents.dtype), draw.timesteps)
+        loss = F.mse_loss(pred.float(), target.float())
+        if self._target_latents is None:
+            return loss
+        # T-ASPL/T-FSMG [C]: pull the model's one-step denoised ẑ_{t−1} towards the target's q(z_tgt, ε, t−1).
+        prev = ddpm_prev_sample(scheduler, pred.float(), draw.timesteps, noisy.float(), draw.extra["step_noise"])
+        z_tgt = self._target_latents.float().expand_as(prev)
+        t_prev = (draw.timesteps - 1).clamp(min=0)
+        # t = 0: q(z_tgt, ε, −1) is z_tgt itself (ᾱ_{−1} = 1, as scheduler.step treats t−1 < 0). The released
+        # code's add_noise(…, t−1) indexes ᾱ[−1] = ᾱ_{T−1} there, a 1-in-1000 wrap-around we do not copy.
+        tgt_prev = torch.where((draw.timesteps > 0).view(-1, 1, 1, 1),
+                               scheduler.add_noise(z_tgt, draw.noise.float(), t_prev), z_tgt)
+        return loss - self.opts.target_weight * F.mse_loss(prev, tgt_prev)
 
     def update(self, x, x0, loss_fn, eps: float, alpha: float):
         """One PGD ascent step (sign of ∇ₓ loss), projected to the budget. Plug-ins override this."""
@@ -156,6 +299,147 @@ class Aspl(ProtectMethod):
         loss = loss_fn(x)
         (grad,) = torch.autograd.grad(loss, x)
         return pgd_step(x.detach(), grad, x0, alpha, eps), float(loss.detach())
+
+    # --- T-ASPL / T-FSMG --------------------------------------------------------------------------
+    def prepare_target(self, sd, n: int) -> None:
+        """Encode the target image once (a posterior sample, as released) when one is given."""
+        from cloak.adversarial.target import describe, load_target, target_path
+
+        supports = "target_image" in type(self.opts).model_fields
+        if not supports:
+            if self.ctx.extras.get("target_image"):
+                self.ctx.warn(f"{self.name}: --target-image is ignored (this method has no targeted variant)")
+            return
+        path = target_path(self.ctx, self.opts.target_image)
+        if path is None:
+            self._target_latents = None
+            return
+        res = self.ctx.resolution or sd.resolution
+        pixels = load_target(path, (res, res)).to(self.ctx.device, self.ctx.dtype)
+        with torch.no_grad():
+            self._target_latents = encode_latents(sd.vae, pixels, self.ctx.generator)
+        source = "flag" if self.ctx.extras.get("target_image") else "option"
+        self._target_record = {**describe(path, source), "weight": self.opts.target_weight}
+
+    # --- E-ASPL -------------------------------------------------------------------------------------
+    def _ensemble(self, x0: torch.Tensor, clean: torch.Tensor) -> ProtectResult:
+        ctx, ids = self.ctx, self.model_ids()
+        members = [_Member(mid, role=f"ensemble-{j}") for j, mid in enumerate(ids)]
+        pairs: dict[str, tuple[DreamBoothTrainer, DreamBoothTrainer]] = {}
+        iterations = ctx.iters(self.opts.iterations)
+        x = x0.clone()
+        history: list[float] = []
+        with ctx.progress.task(f"{self.name or 'aspl'} ensemble ×{len(ids)}", iterations * len(ids)) as bar:
+            for _ in range(iterations):
+                acc = torch.zeros_like(x)
+                for m in members:
+                    with self._resident(m, members, pairs, x0, clean) as (sd, learner, surrogate):
+                        x_j, loss = self.iteration(sd, learner, surrogate, x, x0, m.state)
+                    acc += x_j / len(members)
+                    history.append(loss)
+                    bar.advance(1, status=f"{m.id} loss {loss:.4f}")
+                x = acc
+        return ProtectResult(x.detach(), summary=self.summary(history))
+
+    @contextmanager
+    def _resident(self, m: _Member, members: list[_Member], pairs: dict, x0, clean):
+        """Bring model ``m`` (its base model and its surrogate pair) onto the device, park it after.
+
+        Members whose weights have the same shapes share one preallocated (learner, surrogate) pair;
+        each member's own f_j then lives in a preallocated CPU/host buffer between turns. The optimizer
+        state is dropped when parking: ASPL resets it before every DreamBooth call anyway [Q], so a
+        fresh lazily-allocated state is the same thing.
+        """
+        ctx = self.ctx
+        offload = ctx.device.type != "cpu"
+        if m.sd is None:
+            m.sd = ctx.models.sd(m.id, role=m.role)
+        sd = m.sd
+        if offload:
+            _move_sd(sd, ctx.device)
+        if m.arch is None:
+            m.arch = _arch_key(sd)
+            self._target_latents = None
+            self.prepare_target(sd, x0.shape[0])
+            m.target = self._target_latents
+            m.class_latents = self.class_latents(sd)
+            m.state = {"ref": LatentCache.encode(sd.vae, clean), "cursors": [0, 0]}
+        # Shared until every member's architecture is known (conservative); a member found alone in its
+        # architecture keeps f_j in its own pair's surrogate and drops the buffer.
+        shared = sum(1 for other in members if other.arch == m.arch or other.arch is None) > 1
+        if not shared:
+            m.weights = None
+        if m.arch not in pairs:
+            cfg = self.db_config()
+            pair = []
+            for _ in range(2):
+                unet, te = sd.trainable_copy()
+                pair.append(DreamBoothTrainer(sd, unet, te, cfg, class_latents=m.class_latents,
+                                              generator=ctx.generator))
+            pairs[m.arch] = (pair[0], pair[1])
+            fresh = True
+        else:
+            fresh = False
+        learner, surrogate = pairs[m.arch]
+        if offload and not fresh:
+            for tr in (learner, surrogate):
+                _move_modules(tr, ctx.device)
+        for tr in (learner, surrogate):
+            tr.sd = sd
+            tr.class_latents = m.class_latents
+        if shared:
+            if m.weights is None:  # f_j starts as θ0_j, the member's own base weights
+                m.weights = SnapshotPool((surrogate.unet, surrogate.text_encoder), 1)
+                m.weights.save(0, sd.unet, sd.text_encoder)
+            m.weights.load(0, surrogate.unet, surrogate.text_encoder)
+        self._n_class = len(m.class_latents) if m.class_latents is not None else 0
+        self._target_latents = m.target
+        try:
+            yield sd, learner, surrogate
+        finally:
+            if shared:
+                m.weights.save(0, surrogate.unet, surrogate.text_encoder)
+            if offload:
+                for tr in (learner, surrogate):
+                    tr.optimizer.state.clear()
+                    _move_modules(tr, "cpu")
+                _move_sd(sd, "cpu")
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+
+
+@dataclass
+class _Member:
+    """One base model of the E-ASPL ensemble."""
+
+    id: str
+    role: str
+    sd: Any = None
+    arch: str | None = None
+    weights: SnapshotPool | None = None  # f_j while another member uses the shared pair
+    class_latents: LatentCache | None = None
+    target: torch.Tensor | None = None
+    state: dict = field(default_factory=dict)
+
+
+def _arch_key(sd) -> str:
+    """Models whose UNet and text-encoder parameters have the same names and shapes share buffers."""
+    digest = hashlib.sha1()
+    for module in (sd.unet, sd.text_encoder):
+        for name, p in module.named_parameters():
+            digest.update(f"{name}:{tuple(p.shape)};".encode())
+    return digest.hexdigest()[:16]
+
+
+def _move_modules(trainer: DreamBoothTrainer, device) -> None:
+    trainer.unet.to(device)
+    trainer.text_encoder.to(device)
+
+
+def _move_sd(sd, device) -> None:
+    # The loaded base model is shared within the run; only E-ASPL moves it, to keep one model resident.
+    for module in (sd.vae, sd.unet, sd.text_encoder):
+        module.to(device)
 
 
 class _PixelLatents:
@@ -166,3 +450,6 @@ class _PixelLatents:
 
     def sample(self, index, generator) -> torch.Tensor:
         return self.trainer.encode_instances(self.pixels[index])
+
+
+__all__ = ["Aspl", "FamilyDraw", "SurrogateOptions", "TargetOptions", "ddpm_prev_sample"]

@@ -43,6 +43,8 @@ class ProtectMethod(Method):
     uses_ref: ClassVar[bool] = False
     # Name of the option that --steps sets (the method's main iteration count).
     steps_option: ClassVar[str | None] = None
+    # Model used when --model is not given (VerbRun reads it); each method states its paper's base model.
+    default_model: ClassVar[str] = "sd21-base"
 
     def budget_m11(self) -> float:
         return self.opts.eps_m11

@@ -67,8 +67,7 @@ class Gate:
             for c in group:
                 lv, rv = c.left.value(table), c.right.value(table)
                 ok = lv is not None and rv is not None and OPS[c.op](lv, rv)
-                parts.append(f"{c.left}={_fmt(lv)} {c.op} {_fmt(rv)}" if c.left.metric else
-                             f"{_fmt(lv)} {c.op} {c.right}={_fmt(rv)}")
+                parts.append(f"{_show(c.left, lv)} {c.op} {_show(c.right, rv)}")
                 group_true = group_true and ok
             any_group = any_group or group_true
         return any_group, ", ".join(parts)
@@ -76,6 +75,10 @@ class Gate:
 
 def _fmt(v) -> str:
     return "undefined" if v is None else f"{v:.4g}"
+
+
+def _show(operand: Operand, value) -> str:
+    return f"{operand}={_fmt(value)}" if operand.metric else _fmt(value)
 
 
 def parse_gate(text: str, known_metrics: list[str] | None = None) -> Gate:
@@ -101,6 +104,8 @@ def parse_gate(text: str, known_metrics: list[str] | None = None) -> Gate:
         elif kind == "word" and word.lower() == "or":
             groups.append([])
             i += 1
+        elif kind == "op":
+            raise UsageError(f"--fail-if {text!r}: one comparison per clause; write 'a<x and x<b', not 'a<x<b'")
         else:
             raise UsageError(f"--fail-if {text!r}: expected 'and' or 'or' before {word!r}")
     return Gate(text, tuple(tuple(g) for g in groups))
@@ -130,6 +135,10 @@ def _operand(kind: str, value: str, text: str, known: list[str] | None) -> Opera
         raise UsageError(f"--fail-if {text!r}: unknown statistic {stat!r}; valid: {', '.join(STATS)}")
     if known is not None and metric not in known:
         from cloak.registry import suggest
+        from cloak.score import SCORE
 
+        if metric in SCORE:
+            raise UsageError(f"--fail-if {text!r}: metric {metric!r} is not being computed",
+                             hint=f"add --metric {metric} (selected: {', '.join(known)})")
         raise UsageError(f"--fail-if {text!r}: unknown metric {metric!r}{suggest(metric, known)}")
     return Operand(metric, stat, None)

@@ -1,0 +1,185 @@
+#!/usr/bin/env python3
+"""Fine-tuning-family protections (aspl, E-ASPL, fsmg, simac, metacloak): seconds per outer iteration
+and peak memory.
+
+Each method runs in its own process so that its peak memory is its own: on CPU the peak RSS
+(ru_maxrss) minus the RSS after importing torch/diffusers/transformers, so it counts the loaded
+weights, the surrogate copies, optimizer state, snapshot buffers and activations; on CUDA
+max_memory_allocated. The method classes run as `cloak protect` runs them, with the published inner
+step counts (n = 3 DreamBooth steps, K = 6 PGD steps, MetaCloak 6 PGD + 2 DreamBooth steps per round)
+and few outer iterations. A progress hook timestamps every advance of every bar; the first interval
+of each bar is dropped as warm-up and the median of the rest is reported.
+
+What "outer iteration" means per method:
+  aspl          one ASPL iteration: n DB steps (learner) + K PGD steps + n DB steps (surrogate)
+  aspl-ensemble one E-ASPL iteration over 3 models (here the same model three times: the per-model
+                buffers and the averaging are exercised, the weights are the same); measured per model
+                and multiplied by 3
+  fsmg          one PGD step against the cached surrogate (FSMG has no outer loop); its surrogate
+                DreamBooth step is reported separately
+  simac         one ASPL iteration with SimAC's timestep draws and feature term; a timestep-selection
+                round is reported separately
+  metacloak     one unrolled round: K PGD steps through the EoT transforms + 2 DB steps; a pool
+                DreamBooth step is reported separately
+
+    python benchmarks/bench_protect.py                        # mid-sd (128 px), 4 images
+    python benchmarks/bench_protect.py --model tiny-sd --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+CLASS = {"class_images": 2, "class_image_steps": 2}  # 1 instance + 1 class image per DB step, cheap to make
+METHODS = {  # name → (registry name, options, outer bar, other bars worth reporting)
+    "aspl": ("aspl", {"iterations": 2, "surrogate_steps": 3, "pgd_steps": 6}, "aspl", []),
+    "aspl-ensemble": ("aspl", {"iterations": 1, "surrogate_steps": 3, "pgd_steps": 6, "models": "{m},{m},{m}"},
+                      "aspl ensemble", []),
+    "fsmg": ("fsmg", {"surrogate_steps": 4, "steps": 6}, "fsmg", ["surrogate dreambooth"]),
+    "simac": ("simac", {"iterations": 2, "surrogate_steps": 3, "pgd_steps": 6, "select_rounds": 2}, "simac",
+              ["simac timestep selection"]),
+    "metacloak": ("metacloak", {"trials": 1, "pool_steps": 4, "snapshot_interval": 2, "advance_steps": 2,
+                                "pgd_steps": 6}, "metacloak", ["metacloak pool"]),
+}
+
+
+class _Clock:
+    """A progress sink that records, per bar, when each advance happens."""
+
+    sync = None
+
+    def __init__(self):
+        self.bars: dict[str, list[float]] = {}
+
+    def task(self, description, total):
+        clock = self
+        times = clock.bars.setdefault(description, [])
+
+        class Task:
+            def advance(self, n=1, status=None):
+                if clock.sync is not None:
+                    clock.sync()
+                times.append(time.perf_counter())
+
+            def __enter__(self):
+                if clock.sync is not None:
+                    clock.sync()
+                times.append(time.perf_counter())
+                return self
+
+            def __exit__(self, *exc):
+                return None
+
+        return Task()
+
+    def median(self, prefix: str) -> float | None:
+        """Median interval of the bar named ``prefix`` (exactly, else the first that starts with it)."""
+        names = [n for n in self.bars if n == prefix] or [n for n in self.bars if n.startswith(prefix)]
+        if not names:
+            return None
+        times = self.bars[names[0]]
+        intervals = [b - a for a, b in zip(times, times[1:])]
+        if not intervals:
+            return None
+        return statistics.median(intervals[1:] if len(intervals) > 1 else intervals)
+
+
+def run_method(model_id: str, name: str, n_images: int, cache: str) -> dict:
+    import diffusers  # noqa: F401  (imported before measuring the baseline RSS)
+    import torch
+    import transformers  # noqa: F401
+
+    from cloak.io.images import ImageItem, ImageSet
+    from cloak.methods import RunContext, build_options
+    from cloak.models.handle import Models
+    from cloak.protect import PROTECT
+
+    imports_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    method_name, extra, outer, others = METHODS[name]
+    extra = {k: (v.format(m=model_id) if isinstance(v, str) else v) for k, v in extra.items()}
+    cls = PROTECT.get(method_name)
+    opts, _ = build_options(cls.Options, [("bench", {**CLASS, **extra})], method_name)
+    models = Models(cache_dir=Path(cache), device=device)
+    _, path, _ = models.resolve(model_id, "probe")
+    unet_cfg = json.loads((path / "unet" / "config.json").read_text())
+    vae_cfg = json.loads((path / "vae" / "config.json").read_text())
+    res = unet_cfg["sample_size"] * 2 ** (len(vae_cfg["block_out_channels"]) - 1)
+    gen = torch.Generator().manual_seed(0)
+    pixels = torch.rand(n_images, 3, res, res, generator=gen).mul(2).sub(1)
+    images = ImageSet([ImageItem(f"img{i}", Path(f"img{i}.png"), (res, res), "") for i in range(n_images)], pixels)
+    clock = _Clock()
+    if device.type == "cuda":
+        clock.sync = torch.cuda.synchronize
+        torch.cuda.reset_peak_memory_stats()
+    ctx = RunContext(models=models, model=model_id, device=device, dtype=torch.float32, seed=0, generator=gen,
+                     resolution=res, cache_dir=Path(cache), progress=clock, extras={})
+    method = cls(opts, ctx)
+    start = time.perf_counter()
+    method(images)
+    total = time.perf_counter() - start
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - imports_mb
+    outer_s = clock.median(outer)
+    if outer_s is not None and name == "aspl-ensemble":
+        outer_s *= len(opts.models)  # the ensemble bar advances once per model
+    row = {"model": model_id, "method": name, "images": n_images, "resolution": res, "device": str(device),
+           "outer_s": outer_s, "run_s": total, "peak_mb": peak, "pgd_steps": method.pgd_steps_done,
+           "options": extra}
+    for bar in others:
+        row[bar.replace(" ", "_") + "_s"] = clock.median(bar)
+    return row
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="mid-sd")
+    parser.add_argument("--methods", nargs="*", default=list(METHODS))
+    parser.add_argument("--images", type=int, default=4)
+    parser.add_argument("--cache", default=os.environ.get("CLOAK_CACHE_DIR") or str(Path(tempfile.gettempdir()) /
+                                                                                  "cloak-bench-cache"))
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--_child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args._child:
+        print(json.dumps(run_method(args.model, args._child, args.images, args.cache)))
+        return 0
+    rows = []
+    load_before = os.getloadavg()[0]
+    for name in args.methods:
+        out = subprocess.run([sys.executable, __file__, "--_child", name, "--model", args.model,
+                              "--images", str(args.images), "--cache", args.cache], capture_output=True, text=True)
+        if out.returncode != 0:
+            print(out.stderr, file=sys.stderr)
+            return 1
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"model {args.model}, {args.images} images, {rows[0]['resolution']} px, device {rows[0]['device']}, "
+          f"load average {load_before:.1f} → {os.getloadavg()[0]:.1f}")
+    print(f"{'method':<14} {'s/outer iter':>12} {'peak MB':>9}  other")
+    for r in rows:
+        other = ", ".join(f"{k[:-2].replace('_', ' ')} {v:.3f} s" for k, v in r.items()
+                          if k.endswith("_s") and k not in ("outer_s", "run_s") and v is not None)
+        outer = f"{r['outer_s']:.3f}" if r["outer_s"] is not None else "n/a"
+        print(f"{r['method']:<14} {outer:>12} {r['peak_mb']:>9.0f}  {other}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

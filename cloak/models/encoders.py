@@ -1,0 +1,216 @@
+"""Image encoders that protection methods attack: identity encoders (DLADiff layer 2) and VGG-19 (CAP).
+
+Identity encoders map a face crop to an embedding; each has its own input size and normalisation,
+applied here inside ``forward`` so callers hand in [-1, 1] pixels at ``input_size`` and gradients flow:
+
+* ``arcface-irse50`` — ArcFace IR-SE50 (facexlib architecture, loaded by :mod:`cloak.models.faces`),
+  112² input in [-1, 1], 512-d ℓ2-normalised output.
+* ``ip-adapter-image-encoder`` — the CLIP vision tower of IP-Adapter for SD 1.5 (OpenCLIP ViT-H/14,
+  ``CLIPVisionModelWithProjection`` from ``h94/IP-Adapter`` ``models/image_encoder``), 224² input with
+  CLIP's mean/std, ``image_embeds`` output (what IP-Adapter feeds its projection).
+
+``vgg19-imagenet`` is torchvision's VGG-19 (ImageNet) convolutional part, used for Gram-matrix style
+features. Weights are read from the cache only (``weights_only`` / safetensors); every id has a built-in
+stand-in with the same architecture and random weights, written in the same layout, so ``--tiny`` runs the
+same loading code.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from cloak.errors import ModelUnavailableError
+
+STANDIN_SEED = 11
+
+# --- IP-Adapter image encoder (CLIP vision) ---------------------------------------------------------
+CLIP_SUBFOLDER = "models/image_encoder"  # layout of the h94/IP-Adapter snapshot
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# --- VGG-19 -------------------------------------------------------------------------------------------
+VGG19_FILE = "vgg19-dcbbe1ad.pth"  # torchvision release file name
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# Index of each conv layer in torchvision's ``vgg19().features`` (the ReLU that follows is index + 1).
+VGG19_CONV = {
+    "conv1_1": 0, "conv1_2": 2,
+    "conv2_1": 5, "conv2_2": 7,
+    "conv3_1": 10, "conv3_2": 12, "conv3_3": 14, "conv3_4": 16,
+    "conv4_1": 19, "conv4_2": 21, "conv4_3": 23, "conv4_4": 25,
+    "conv5_1": 28, "conv5_2": 30, "conv5_3": 32, "conv5_4": 34,
+}
+
+
+class IdentityEncoder(torch.nn.Module):
+    """Base: ``forward`` takes B×3×S×S pixels in [-1, 1] (S = ``input_size``) and returns B×D embeddings."""
+
+    name: str = ""
+    input_size: int = 0
+
+
+class ArcFaceEncoder(IdentityEncoder):
+    def __init__(self, backbone: torch.nn.Module, name: str = "arcface-irse50"):
+        super().__init__()
+        self.backbone = backbone
+        self.name = name
+        self.input_size = 112
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # facexlib's Flatten uses .view: channels-last strides from interpolation would break it.
+        return self.backbone(x.contiguous())
+
+
+class ClipImageEncoder(IdentityEncoder):
+    def __init__(self, model: torch.nn.Module, name: str = "ip-adapter-image-encoder"):
+        super().__init__()
+        self.model = model
+        self.name = name
+        self.input_size = int(model.config.image_size)
+        self.register_buffer("mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pixels = ((x + 1) / 2 - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+        return self.model(pixel_values=pixels.to(self.model.dtype)).image_embeds
+
+
+def _freeze(module: torch.nn.Module, device) -> torch.nn.Module:
+    module.requires_grad_(False)
+    return module.to(device).eval()
+
+
+def load_identity_encoder(models, model_id: str, role: str = "identity-encoder") -> IdentityEncoder:
+    """Load one identity encoder by catalog id (``--tiny``: its stand-in), once per process."""
+    from cloak.models.catalog import get_spec
+
+    resolved, path, _ = models.resolve(model_id, role)
+    spec = get_spec(resolved)
+    kind = spec.kind if spec is not None else None
+    device = models.device
+
+    def build() -> IdentityEncoder:
+        if kind == "arcface":
+            from cloak.models.faces import load_arcface
+
+            return _freeze(ArcFaceEncoder(load_arcface(path, "cpu"), name=model_id), device)
+        if kind == "clip-vision":
+            return _freeze(ClipImageEncoder(load_clip_vision(path), name=model_id), device)
+        raise ModelUnavailableError(f"{model_id} is not an identity encoder (kind {kind!r}); "
+                                    "use arcface-irse50 or ip-adapter-image-encoder")
+
+    return models.memo(("identity-encoder", str(path), str(device)), build)
+
+
+def load_clip_vision(model_dir: Path):
+    from transformers import CLIPVisionModelWithProjection
+
+    from cloak.models.handle import quiet_libraries
+
+    quiet_libraries()
+    folder = Path(model_dir) / CLIP_SUBFOLDER
+    try:
+        return CLIPVisionModelWithProjection.from_pretrained(folder, local_files_only=True,
+                                                             torch_dtype=torch.float32)
+    except (OSError, ValueError, json.JSONDecodeError) as exc:
+        raise ModelUnavailableError(f"cannot load the CLIP image encoder from {folder}: {exc}") from None
+
+
+def build_standin_clip_vision(target: Path) -> None:
+    """A random CLIP vision tower with projection at toy width, in the IP-Adapter snapshot layout.
+
+    The input geometry is ViT-H/14's (224², patch 14) so crops and resizing follow the real path.
+    """
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from cloak.models.handle import quiet_libraries
+
+    quiet_libraries()
+    torch.manual_seed(STANDIN_SEED)
+    config = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=224, patch_size=14, projection_dim=32, hidden_act="gelu")
+    model = CLIPVisionModelWithProjection(config)
+    folder = Path(target) / CLIP_SUBFOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, safe_serialization=True)
+
+
+# --- VGG-19 style features ----------------------------------------------------------------------------
+def _vgg19_features() -> torch.nn.Sequential:
+    from torchvision.models import vgg
+
+    return vgg.make_layers(vgg.cfgs["E"], batch_norm=False)  # == torchvision vgg19().features
+
+
+class VGGFeatures(torch.nn.Module):
+    """Post-ReLU activations of named VGG-19 conv layers for [-1, 1] images (ImageNet normalisation)."""
+
+    def __init__(self, features: torch.nn.Sequential, layers: tuple[str, ...]):
+        super().__init__()
+        unknown = [name for name in layers if name not in VGG19_CONV]
+        if unknown:
+            raise ValueError(f"unknown VGG-19 layer(s) {unknown}; valid: {', '.join(VGG19_CONV)}")
+        self.layers = tuple(layers)
+        self.taps = {VGG19_CONV[name] + 1: name for name in layers}  # the ReLU after each conv
+        last = max(self.taps)
+        self.features = features[: last + 1]
+        for module in self.features:
+            if isinstance(module, torch.nn.ReLU):
+                module.inplace = False  # tapped activations must not be overwritten
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        h = ((x + 1) / 2 - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+        out = []
+        for index, module in enumerate(self.features):
+            h = module(h)
+            if index in self.taps:
+                out.append(h)
+        return out
+
+
+def load_vgg19(model_dir: Path) -> torch.nn.Sequential:
+    """VGG-19 conv layers from torchvision's release file (the classifier weights are not needed)."""
+    path = Path(model_dir) / VGG19_FILE
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError) as exc:
+        raise ModelUnavailableError(f"cannot read VGG-19 weights {path}: {exc}") from None
+    features = _vgg19_features()
+    sub = {k.removeprefix("features."): v for k, v in state.items() if k.startswith("features.")}
+    features.load_state_dict(sub, strict=True)
+    return features
+
+
+def load_vgg_features(models, layers: tuple[str, ...], model_id: str = "vgg19-imagenet",
+                      role: str = "style-features") -> VGGFeatures:
+    _, path, _ = models.resolve(model_id, role)
+    device = models.device
+    return models.memo(("vgg19-features", str(path), tuple(layers), str(device)),
+                       lambda: _freeze(VGGFeatures(load_vgg19(path), tuple(layers)), device))
+
+
+def build_standin_vgg19(target: Path) -> None:
+    """Random VGG-19 conv weights (torchvision's init) under torchvision's file name.
+
+    Only the ``features.*`` tensors are written: cloak never reads the classifier (123 M parameters,
+    ~490 MB), and the loader takes exactly the ``features.*`` keys from the real file too.
+    """
+    torch.manual_seed(STANDIN_SEED + 1)
+    features = _vgg19_features()
+    for module in features:
+        if isinstance(module, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            torch.nn.init.zeros_(module.bias)
+    target = Path(target)
+    target.mkdir(parents=True, exist_ok=True)
+    torch.save({f"features.{k}": v for k, v in features.state_dict().items()}, target / VGG19_FILE)
+
+
+def embed_normalised(encoder: IdentityEncoder, x: torch.Tensor) -> torch.Tensor:
+    return F.normalize(encoder(x).float(), dim=-1)
