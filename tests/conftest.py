@@ -118,7 +118,7 @@ TINY = ["--tiny", "-o", "class_images=2"]
 
 @pytest.fixture(scope="session", autouse=True)
 def _threads():
-    """Two cores: one intra-op thread per process avoids OpenMP oversubscription under xdist/helpers."""
+    """At most two intra-op threads (the CI machine has two cores); more would oversubscribe them."""
     import torch
 
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
