@@ -187,7 +187,7 @@ def test_dladiff_layer2_lowers_identity_similarity_more_than_noise(tmp_path, sha
     from cloak.models.handle import Models
 
     images = write_images(tmp_path / "in", n=2)
-    rep = run_protect(images, tmp_path / "out", common=_common("dladiff", {"layers": "zs", "zs_steps": 10}))
+    rep = run_protect(images, tmp_path / "out", common=_common("dladiff", {"layers": "zs", "zs_steps": 6}))
     budget = rep.summary["budget"]
     assert budget["layers"].keys() == {"zs"} and budget["eps_m11"] == pytest.approx(16 / 255)
     assert all(item.linf_255 <= 8 for item in rep.items)
@@ -292,11 +292,11 @@ def test_cap_lowers_style_inconsistency_and_never_lowers_the_host_step(tmp_path,
     from cloak.models.handle import Models
 
     images = _canonical_copy(write_images(tmp_path / "src", n=3), tmp_path / "in")
-    host = {"class_images": 0, "surrogate_steps": 10, "lr": 1e-4, "eps": 0.1, "alpha": 0.01, "steps": 12}
+    host = {"class_images": 0, "surrogate_steps": 4, "lr": 1e-4, "eps": 0.1, "alpha": 0.01, "steps": 8}
     run_protect(images, tmp_path / "host", common=_common("fsmg", host))
-    rep = run_protect(images, tmp_path / "cap", common=_common("cap", {**host, "host": "fsmg", "ratio_max": 6}))
+    rep = run_protect(images, tmp_path / "cap", common=_common("cap", {**host, "host": "fsmg", "ratio_max": 5}))
     cap = rep.summary["cap"]
-    assert cap["total_pgd_steps"] == 12 and cap["cap_steps"] == 7  # k = 6..12 (k̂ = K/2)
+    assert cap["total_pgd_steps"] == 8 and cap["cap_steps"] == 5  # k = 4..8 (k̂ = K/2)
     style = StyleConsistency(load_vgg_features(Models(cache_dir=shared_cache, tiny=True), tuple(cap["style_layers"])))
     cons = {name: float(style.distances(read_images(tmp_path / name, 64).pixels).mean())
             for name in ("in", "host", "cap")}

@@ -367,7 +367,6 @@ def test_packaged_models_resolve_to_the_installed_package(tmp_path):
     assert not (tmp_path / "models").exists()
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["ViT-B-32-quickgelu", "RN50-quickgelu"])
 def test_clip_geometry_inferred_from_real_size_state_dicts(arch):
     """OpenAI's ViT-B/32 and RN50 at full size (random weights): the architecture read back from the state dict

@@ -21,7 +21,6 @@ import json
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from cloak.errors import ModelUnavailableError
 
@@ -210,7 +209,3 @@ def build_standin_vgg19(target: Path) -> None:
     target = Path(target)
     target.mkdir(parents=True, exist_ok=True)
     torch.save({f"features.{k}": v for k, v in features.state_dict().items()}, target / VGG19_FILE)
-
-
-def embed_normalised(encoder: IdentityEncoder, x: torch.Tensor) -> torch.Tensor:
-    return F.normalize(encoder(x).float(), dim=-1)

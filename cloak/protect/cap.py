@@ -216,7 +216,8 @@ class Cap(ProtectMethod):
     implements = ("CAP Alg. 1 as a plug-in on the host's PGD step: VGG-19 Gram-matrix consistency from k̂ = K/2 "
                   "with the dynamic ratio line search over r ∈ {0..R}; no released code")
     notes: ClassVar[str] = (
-        "Host options pass through (-o iterations=..., -o steps=... for fsmg); the budget is CAP's (α 0.005, "
+        "Host options pass through (-o iterations=..., -o steps=... for fsmg; --steps is not taken, the host's "
+        "count has a host-specific name); the budget is CAP's (α 0.005, "
         "η 0.05, all hosts). The host runs on the set sorted by pixel sha256 so the file order cannot change "
         "the result. Sign s = −1 by default (§4.3 text) where Alg. 1 reads +1 [PROP]; the line search evaluates "
         "every r on the step's own (t, ε) [PROP].")

@@ -36,7 +36,7 @@ from cloak.diffusion.dreambooth import DreamBoothConfig, DreamBoothTrainer, auto
 from cloak.diffusion.surrogate import cached_dreambooth
 from cloak.io.images import ImageSet, to_uint8
 from cloak.protect.aspl import SurrogateOptions
-from cloak.protect.base import ProtectResult, ProtectMethod
+from cloak.protect.base import ProtectMethod, ProtectResult
 
 LAYERS = ("ft", "zs")
 LABEL = "DLADiff (implemented from the published description; numbers are proposals)"
@@ -205,9 +205,10 @@ class DLADiff(ProtectMethod):
 
     def denoising(self, sd, unet, text, pixels: torch.Tensor, draw: Draw) -> torch.Tensor:
         latents = encode_latents(sd.vae, pixels, posterior_noise=draw.posterior_noise)
+        dt = next(unet.parameters()).dtype  # bf16 under --compat (surrogate weights trained in bf16, as released)
         with autocast_for(latents.device):
-            return denoising_loss(unet, sd.noise_scheduler, latents, text.to(latents.dtype), self.ctx.generator,
-                                  timesteps=draw.timesteps, noise=draw.noise)
+            return denoising_loss(unet, sd.noise_scheduler, latents.to(dt), text.to(dt), self.ctx.generator,
+                                  timesteps=draw.timesteps, noise=draw.noise.to(dt))
 
     def attention_maps(self, recorder: CrossAttentionRecorder) -> torch.Tensor:
         """Anti-Diffusion's map transform: ×scale, clamped to [0, 1]."""
