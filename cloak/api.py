@@ -45,6 +45,7 @@ class Common:
     force: bool = False
     resume: bool = False
     keep_going: bool = False
+    keep_metadata: bool = False  # protect/purify: copy EXIF/ICC/dpi/text from each source (default: strip)
     compat: bool = False
     config: str | Config | None = None
     cache_dir: str | None = None
@@ -100,6 +101,13 @@ class VerbRun:
         resolved = self.cfg.resolve(self.verb, key, flag, default)
         self.params[key] = resolved.as_dict()
         return resolved.value
+
+    def flag(self, key: str, flag: bool) -> bool:
+        """A boolean switch: on from the command line, or from cloak.toml (``keep_metadata = true``)."""
+        value = self.value(key, True if flag else None, False)
+        if not isinstance(value, bool):
+            raise UsageError(f"{key} in cloak.toml must be true or false, got {value!r}")
+        return value
 
     def options(self, extra_layers: list[tuple[str, dict]] | None = None):
         layers = [("config", self.cfg.method(self.verb, self.method_name))]
@@ -194,7 +202,7 @@ def run_protect(input_dir, output_dir, *, ref: str | None = None, eps: float | N
     import torch
 
     from cloak.adversarial import quantize_within_budget
-    from cloak.io.images import output_path, read_images, write_png
+    from cloak.io.images import output_path, read_images, source_metadata, write_png
     from cloak.protect import PROTECT
 
     common = common or Common(**kwargs)
@@ -223,6 +231,7 @@ def run_protect(input_dir, output_dir, *, ref: str | None = None, eps: float | N
             raise UsageError(f"{run.method_name} has no main step count for --steps")
         flag_layer[run.method_cls.steps_option] = steps
     opts, opts_record = run.options([("flag", flag_layer)])
+    keep_metadata = run.flag("keep_metadata", common.keep_metadata)
     if target_image is not None:
         run.params["target_image"] = {"value": target_image, "source": "flag"}
 
@@ -268,7 +277,8 @@ def run_protect(input_dir, output_dir, *, ref: str | None = None, eps: float | N
         output_dir.mkdir(parents=True, exist_ok=True)
         for j, i in enumerate(todo):
             item = images.items[i]
-            path = write_png(output_path(output_dir, item.name), q[j].permute(1, 2, 0).numpy(), force=True)
+            path = write_png(output_path(output_dir, item.name), q[j].permute(1, 2, 0).numpy(), force=True,
+                             metadata=source_metadata(item.path) if keep_metadata else None)
             diff = (q[j].float() - q0[j])
             mse = float(diff.div(255).pow(2).mean())
             extra = result.records[j] if j < len(result.records) else {}
@@ -346,10 +356,10 @@ def run_attack(input_dir, output_dir, *, ref: str | None = None, prompts: list[s
     gen_dir = output_dir / "gen"
     planned = [f"{slug(p)}/{s}" for p in getattr(opts, "prompts", []) for s in range(getattr(opts, "num_images", 0))]
     if run.method_cls.per_reference:  # gen/<reference image>/<prompt>/<seed>.png
-        from cloak.io.images import list_images
+        from cloak.io.images import input_files
 
-        base = input_dir if input_dir.is_dir() else input_dir.parent
-        refs = [str(f.relative_to(base).with_suffix("")) for f in list_images(input_dir)]
+        ref_files, base = input_files(input_dir)
+        refs = [str(f.relative_to(base).with_suffix("")) for f in ref_files]
         planned = [f"{r}/{p}" for r in refs for p in planned]
     done = set(check_output_dir(gen_dir, planned, force=common.force, resume=common.resume))
     if save_model:
@@ -437,7 +447,7 @@ def run_attack(input_dir, output_dir, *, ref: str | None = None, prompts: list[s
 def run_purify(input_dir, output_dir, *, common: Common | None = None, **kwargs) -> Report:
     import torch
 
-    from cloak.io.images import fit, list_images, load_pil, output_path, pil_to_tensor, write_png
+    from cloak.io.images import fit, input_files, load_pil, output_path, pil_to_tensor, source_metadata, write_png
     from cloak.purify import PURIFY
 
     common = common or Common(**kwargs)
@@ -446,10 +456,10 @@ def run_purify(input_dir, output_dir, *, common: Common | None = None, **kwargs)
         raise UsageError("input and output directories are the same; inputs are never modified")
     run = VerbRun("purify", PURIFY, common, default_method="jpeg", default_model="sd21-base")
     opts, opts_record = run.options()
-    files = list_images(input_dir)
+    keep_metadata = run.flag("keep_metadata", common.keep_metadata)
+    files, base = input_files(input_dir)
     if not files:
         raise InputError(f"no images found in {input_dir}")
-    base = input_dir if input_dir.is_dir() else input_dir.parent
     names = [str(p.relative_to(base).with_suffix("")) for p in files]
     done = set(check_output_dir(output_dir, names, force=common.force, resume=common.resume))
     ctx = run.context()
@@ -485,7 +495,7 @@ def run_purify(input_dir, output_dir, *, common: Common | None = None, **kwargs)
                 seconds = clock.seconds()
                 if y.shape != x.shape:
                     raise RuntimeError(f"{run.method_name} changed the image size {tuple(x.shape)} → {tuple(y.shape)}")
-                write_png(out, y[0], force=True)
+                write_png(out, y[0], force=True, metadata=source_metadata(path) if keep_metadata else None)
             except InputError as exc:
                 if not common.keep_going:
                     raise

@@ -32,7 +32,7 @@ _cloak() {
         --config) COMPREPLY=($(compgen -f -- "$cur")); return ;;
         --cache-dir) COMPREPLY=($(compgen -f -- "$cur")); return ;;
       esac
-      if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--method -m --ref --eps --eps-unit --steps --target-image --model --tiny --effort --resolution --seed --device --dtype --option -o --compat --config --cache-dir --json --jsonl --quiet -q --verbose -v --force --resume --keep-going --help" -- "$cur")); else COMPREPLY=($(compgen -f -- "$cur")); fi; return ;;
+      if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--method -m --ref --eps --eps-unit --steps --target-image --model --tiny --effort --resolution --seed --device --dtype --option -o --compat --config --cache-dir --json --jsonl --quiet -q --verbose -v --force --resume --keep-going --keep-metadata --help" -- "$cur")); else COMPREPLY=($(compgen -f -- "$cur")); fi; return ;;
     "immunize"*)
       case "$prev" in
         --method|-m) COMPREPLY=($(compgen -W "apdm" -- "$cur")); return ;;
@@ -62,7 +62,7 @@ _cloak() {
         --config) COMPREPLY=($(compgen -f -- "$cur")); return ;;
         --cache-dir) COMPREPLY=($(compgen -f -- "$cur")); return ;;
       esac
-      if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--method -m --model --tiny --effort --resolution --seed --device --dtype --option -o --compat --config --cache-dir --json --jsonl --quiet -q --verbose -v --force --resume --keep-going --help" -- "$cur")); else COMPREPLY=($(compgen -f -- "$cur")); fi; return ;;
+      if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--method -m --model --tiny --effort --resolution --seed --device --dtype --option -o --compat --config --cache-dir --json --jsonl --quiet -q --verbose -v --force --resume --keep-going --keep-metadata --help" -- "$cur")); else COMPREPLY=($(compgen -f -- "$cur")); fi; return ;;
     "attack"*)
       case "$prev" in
         --method|-m) COMPREPLY=($(compgen -W "dreambooth lora diffshortcut ipadapter" -- "$cur")); return ;;

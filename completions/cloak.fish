@@ -25,6 +25,7 @@ complete -c cloak -n '__fish_seen_subcommand_from protect' -l verbose -s v -d 'M
 complete -c cloak -n '__fish_seen_subcommand_from protect' -l force -d 'Overwrite existing outputs.'
 complete -c cloak -n '__fish_seen_subcommand_from protect' -l resume -d 'Skip items whose output already exists.'
 complete -c cloak -n '__fish_seen_subcommand_from protect' -l keep-going -d 'Skip unreadable inputs and failed items; exit 5 if any failed.'
+complete -c cloak -n '__fish_seen_subcommand_from protect' -l keep-metadata -d 'Copy each sources EXIF (GPS included; orientation reset), ICC profile, dpi and P'
 complete -c cloak -n '__fish_seen_subcommand_from protect' -l help -d 'Show this message and exit.'
 complete -c cloak -n '__fish_seen_subcommand_from protect' -F
 complete -c cloak -n '__fish_seen_subcommand_from immunize' -l method -s m -x -a 'apdm' -d 'Method name (`cloak methods VERB` lists them).'
@@ -68,6 +69,7 @@ complete -c cloak -n '__fish_seen_subcommand_from purify' -l verbose -s v -d 'Mo
 complete -c cloak -n '__fish_seen_subcommand_from purify' -l force -d 'Overwrite existing outputs.'
 complete -c cloak -n '__fish_seen_subcommand_from purify' -l resume -d 'Skip items whose output already exists.'
 complete -c cloak -n '__fish_seen_subcommand_from purify' -l keep-going -d 'Skip unreadable inputs and failed items; exit 5 if any failed.'
+complete -c cloak -n '__fish_seen_subcommand_from purify' -l keep-metadata -d 'Copy each sources EXIF (GPS included; orientation reset), ICC profile, dpi and P'
 complete -c cloak -n '__fish_seen_subcommand_from purify' -l help -d 'Show this message and exit.'
 complete -c cloak -n '__fish_seen_subcommand_from purify' -F
 complete -c cloak -n '__fish_seen_subcommand_from attack' -l method -s m -x -a 'dreambooth lora diffshortcut ipadapter' -d 'Method name (`cloak methods VERB` lists them).'

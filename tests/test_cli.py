@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import TINY, write_images
 from PIL import Image
@@ -261,3 +262,55 @@ def test_tiny_image_is_an_input_error_not_a_crash(cli, tmp_path):
     Image.new("RGB", (1, 1)).save(src / "dot.png")
     r = cli("protect", *ASPL_FAST, src, tmp_path / "out")
     assert r.exit_code == 0, r.stderr  # 1×1 is upscaled like any small image
+
+
+def _photo_with_metadata(folder: Path) -> Path:
+    """A JPEG as a phone writes it: camera make, GPS position, orientation 6, an sRGB ICC profile."""
+    from PIL import ExifTags, ImageCms
+
+    folder.mkdir(parents=True, exist_ok=True)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    exif[0x010F] = "TestCam"
+    exif.get_ifd(ExifTags.IFD.GPSInfo).update({1: "N", 2: (52.0, 31.0, 12.0)})
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8))
+    img.save(folder / "phone.jpg", exif=exif, icc_profile=icc, dpi=(300, 300), quality=95)
+    return folder
+
+
+@pytest.mark.parametrize("verb", ["protect", "purify"])
+def test_metadata_is_stripped_unless_kept(cli, tmp_path, verb):
+    src = _photo_with_metadata(tmp_path / "src")
+    args = [*ASPL_FAST] if verb == "protect" else ["--method", "gaussian", "--tiny"]
+    assert cli(verb, *args, src, tmp_path / "plain").exit_code == 0
+    with Image.open(tmp_path / "plain" / "phone.png") as img:
+        assert not img.getexif() and "icc_profile" not in img.info and "dpi" not in img.info
+    r = cli(verb, *args, "--keep-metadata", "--json", src, tmp_path / "kept")
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["params"]["keep_metadata"] == {"value": True, "source": "flag"}
+    with Image.open(tmp_path / "kept" / "phone.png") as img, Image.open(src / "phone.jpg") as orig:
+        exif = img.getexif()
+        assert exif[0x010F] == "TestCam" and exif[0x0112] == 1  # pixels are already upright
+        assert exif.get_ifd(0x8825)[1] == "N"
+        assert img.info["icc_profile"] == orig.info["icc_profile"]
+        assert round(img.info["dpi"][0]) == 300
+
+
+def test_paths_on_stdin(cli, tmp_path, monkeypatch):
+    """`find … | cloak purify - out/`: listed order kept, names relative to the common folder, a folder expands."""
+    import io
+
+    a = write_images(tmp_path / "shoot" / "a", n=2, seed=1)
+    b = write_images(tmp_path / "shoot" / "b", n=1, seed=2)
+    listing = f"{b / 'img0.png'}\n\n{a}\n{a / 'img1.png'}\n"  # a blank line, a folder, a file listed twice
+    monkeypatch.setattr("sys.stdin", io.StringIO(listing))
+    r = cli("purify", "--method", "gaussian", "--tiny", "--json", "-", tmp_path / "out")
+    assert r.exit_code == 0, r.stderr
+    outputs = [Path(i["output"]).relative_to(tmp_path / "out").as_posix() for i in json.loads(r.stdout)["items"]]
+    assert outputs == ["b/img0.png", "a/img0.png", "a/img1.png"]
+
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"{a / 'img0.png'}\n{tmp_path / 'gone.png'}\n"))
+    r = cli("protect", *ASPL_FAST, "-", tmp_path / "out2")
+    assert r.exit_code == 3 and "line 2" in r.stderr and "gone.png" in r.stderr
+    assert not (tmp_path / "out2").exists()

@@ -46,3 +46,6 @@ ResumeOpt = Annotated[bool, typer.Option("--resume", help="Skip items whose outp
                                          rich_help_panel=_OUT)]
 KeepGoingOpt = Annotated[bool, typer.Option("--keep-going", help="Skip unreadable inputs and failed items; exit 5 "
                                             "if any failed.", rich_help_panel=_OUT)]
+KeepMetadataOpt = Annotated[bool, typer.Option("--keep-metadata", help="Copy each source's EXIF (GPS included; "
+                                              "orientation reset), ICC profile, dpi and PNG text to its output. "
+                                              "Default: outputs carry no metadata.", rich_help_panel=_OUT)]

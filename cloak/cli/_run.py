@@ -9,8 +9,8 @@ from cloak.cli import _output
 
 
 def common(*, method=None, model=None, tiny=False, effort=None, resolution=None, seed=None, device=None,
-           dtype=None, option=None, force=False, resume=False, keep_going=False, compat=False, config=None,
-           cache_dir=None, quiet=False, verbose=0, jsonl=False):
+           dtype=None, option=None, force=False, resume=False, keep_going=False, keep_metadata=False, compat=False,
+           config=None, cache_dir=None, quiet=False, verbose=0, jsonl=False):
     from cloak.api import Common
     from cloak.methods import parse_option_pairs
 
@@ -21,7 +21,8 @@ def common(*, method=None, model=None, tiny=False, effort=None, resolution=None,
         raise UsageError("--force and --resume contradict each other; pick one")
     return Common(method=method, model=model, tiny=tiny, effort=effort, resolution=resolution, seed=seed,
                   device=device, dtype=dtype, options=parse_option_pairs(option or []), force=force, resume=resume,
-                  keep_going=keep_going, compat=compat, config=config, cache_dir=cache_dir,
+                  keep_going=keep_going, keep_metadata=keep_metadata, compat=compat, config=config,
+                  cache_dir=cache_dir,
                   argv=["cloak", *sys.argv[1:]], progress=_output.make_progress(quiet),
                   on_item=_output.jsonl if jsonl else None)
 

@@ -34,7 +34,8 @@ EPILOG = """Examples:
 def register(app: typer.Typer) -> None:
     @app.command("attack", help=HELP, epilog=EPILOG, no_args_is_help=True)
     def attack(
-        input_dir: Annotated[Path, typer.Argument(metavar="INPUT", help="Training images (protected or not).")],
+        input_dir: Annotated[Path, typer.Argument(metavar="INPUT", help="Training images (protected or not); - reads "
+                                                  "image paths from stdin, one per line.")],
         output_dir: Annotated[Path, typer.Argument(metavar="OUTPUT", help="Directory for generated images.")],
         method: O.MethodOpt = None,
         ref: Annotated[Optional[Path], typer.Option("--ref", help="Clean photos of the subject: report the "

@@ -48,7 +48,8 @@ EPILOG = """Examples:
 def register(app: typer.Typer) -> None:
     @app.command("immunize", help=HELP, epilog=EPILOG, no_args_is_help=True)
     def immunize(
-        input_dir: Annotated[Path, typer.Argument(metavar="INPUT", help="Photos of the subject to protect.")],
+        input_dir: Annotated[Path, typer.Argument(metavar="INPUT", help="Photos of the subject to protect; - reads "
+                                                  "image paths from stdin, one per line.")],
         output_dir: Annotated[Path, typer.Argument(metavar="OUTPUT", help="Directory for the immunized model.")],
         method: O.MethodOpt = None,
         safe: Annotated[Optional[Path], typer.Option("--safe", help="Paired safe set: as many images as INPUT, of "

@@ -26,6 +26,8 @@ EPILOG = """Examples:
 
   cloak protect --method aspl --eps 8 --eps-unit 255 photos/ protected/
 
+  find shoot/ -name '*.jpg' | cloak protect --method aspl - protected/     (paths on stdin)
+
   cloak protect --tiny --effort 0.1 photos/ /tmp/preview      (seconds; random model, protects nothing)
 
   cloak methods show aspl                                     (every option, default and unit)
@@ -35,7 +37,8 @@ EPILOG = """Examples:
 def register(app: typer.Typer) -> None:
     @app.command("protect", help=HELP, epilog=EPILOG, no_args_is_help=True)
     def protect(
-        input_dir: Annotated[Path, typer.Argument(metavar="INPUT", help="Directory of images to protect.")],
+        input_dir: Annotated[Path, typer.Argument(metavar="INPUT", help="Directory of images to protect; - reads "
+                                                  "image paths from stdin, one per line.")],
         output_dir: Annotated[Path, typer.Argument(metavar="OUTPUT", help="Directory for the protected PNGs.")],
         method: O.MethodOpt = None,
         ref: Annotated[Optional[Path], typer.Option("--ref", help="Clean photos of the same identity (set A) for "
@@ -64,11 +67,13 @@ def register(app: typer.Typer) -> None:
         force: O.ForceOpt = False,
         resume: O.ResumeOpt = False,
         keep_going: O.KeepGoingOpt = False,
+        keep_metadata: O.KeepMetadataOpt = False,
     ) -> None:
         from cloak.api import run_protect
 
         c = common(method=method, model=model, tiny=tiny, effort=effort, resolution=resolution, seed=seed,
                    device=device, dtype=dtype, option=option, force=force, resume=resume, keep_going=keep_going,
+                   keep_metadata=keep_metadata,
                    compat=compat, config=config, cache_dir=cache_dir, quiet=quiet, verbose=verbose, jsonl=jsonl)
         execute(c, lambda: run_protect(input_dir, output_dir, ref=str(ref) if ref else None, eps=eps,
                                        eps_unit=eps_unit, steps=steps, common=c,

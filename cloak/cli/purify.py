@@ -29,7 +29,8 @@ EPILOG = """Examples:
 def register(app: typer.Typer) -> None:
     @app.command("purify", help=HELP, epilog=EPILOG, no_args_is_help=True)
     def purify(
-        input_dir: Annotated[Path, typer.Argument(metavar="INPUT", help="Images to purify.")],
+        input_dir: Annotated[Path, typer.Argument(metavar="INPUT", help="Images to purify; - reads image paths from "
+                                                  "stdin, one per line.")],
         output_dir: Annotated[Path, typer.Argument(metavar="OUTPUT", help="Directory for purified PNGs.")],
         method: O.MethodOpt = None,
         model: O.ModelOpt = None,
@@ -50,11 +51,13 @@ def register(app: typer.Typer) -> None:
         force: O.ForceOpt = False,
         resume: O.ResumeOpt = False,
         keep_going: O.KeepGoingOpt = False,
+        keep_metadata: O.KeepMetadataOpt = False,
     ) -> None:
         from cloak.api import run_purify
 
         c = common(method=method, model=model, tiny=tiny, effort=effort, resolution=resolution, seed=seed,
                    device=device, dtype=dtype, option=option, force=force, resume=resume, keep_going=keep_going,
+                   keep_metadata=keep_metadata,
                    compat=compat, config=config, cache_dir=cache_dir, quiet=quiet, verbose=verbose, jsonl=jsonl)
         execute(c, lambda: run_purify(input_dir, output_dir, common=c), output_dir, as_json=as_json, jsonl=jsonl,
                 quiet=quiet)

@@ -45,7 +45,8 @@ EPILOG = """Examples:
 def register(app: typer.Typer) -> None:
     @app.command("score", help=HELP, epilog=EPILOG, no_args_is_help=True)
     def score(
-        generated_dir: Annotated[Path, typer.Argument(metavar="GENERATED", help="Images to score.")],
+        generated_dir: Annotated[Path, typer.Argument(metavar="GENERATED", help="Images to score; - reads image paths "
+                                                           "from stdin, one per line.")],
         ref: Annotated[Optional[Path], typer.Option("--ref", help="Clean reference photos of the subject.")] = None,
         metric: Annotated[Optional[list[str]], typer.Option("--metric", help="Metric (repeatable, or comma "
                                                             "separated); default: fdfr, ism.")] = None,

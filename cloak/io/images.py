@@ -2,8 +2,8 @@
 
 Reading: natural sort, hidden files skipped, EXIF orientation applied, any mode → RGB, short side
 resized (bicubic, antialiased) and centre-cropped to the working resolution; values in [-1, 1].
-Writing: PNG only, metadata stripped, written to a temporary name and renamed, never over an
-existing file without ``force``.
+Writing: PNG only, metadata stripped (unless the caller passes the source's, ``--keep-metadata``),
+written to a temporary name and renamed, never over an existing file without ``force``.
 """
 
 from __future__ import annotations
@@ -51,6 +51,54 @@ def list_images(root: Path, recursive: bool = True) -> list[Path]:
             if path.suffix.lower() in IMAGE_SUFFIXES:
                 found.append(path)
     return sorted(found, key=lambda p: natural_key(str(p.relative_to(root))))
+
+
+STDIN = "-"
+_stdin_listing: dict[int, tuple[list[Path], Path]] = {}  # id(sys.stdin) → what it listed
+
+
+def input_files(root: Path | str) -> tuple[list[Path], Path]:
+    """The image files an INPUT argument names, and the folder their output names are relative to.
+
+    ``-`` reads one path per line from standard input (``find shoot/ -name '*.jpg' | cloak protect - out/``):
+    files are taken in the order given (a listed folder contributes its images in natural order), and the
+    output names keep each file's path below the listed files' common folder, so two ``img.jpg`` from
+    different folders stay apart. Standard input is read once per process; later calls get the same list.
+    """
+    if str(root) == STDIN:
+        return _files_from_stdin()
+    root = Path(root)
+    return list_images(root), (root if root.is_dir() else root.parent)
+
+
+def _files_from_stdin() -> tuple[list[Path], Path]:
+    import sys
+
+    from cloak.errors import UsageError
+
+    if id(sys.stdin) in _stdin_listing:
+        return _stdin_listing[id(sys.stdin)]
+    if sys.stdin is None or sys.stdin.isatty():
+        raise UsageError("INPUT is '-' (one path per line on standard input) but standard input is a terminal",
+                         hint="pipe the paths in, e.g. find photos/ -name '*.jpg' | cloak ... - OUTPUT")
+    files: list[Path] = []
+    seen: set[Path] = set()
+    for number, line in enumerate(sys.stdin.read().splitlines(), 1):
+        if not line.strip():
+            continue
+        path = Path(line.rstrip("\r")).expanduser()
+        if not path.exists():
+            raise InputError(f"standard input line {number}: {path} does not exist")
+        for file in list_images(path) if path.is_dir() else [path]:
+            key = file.resolve()
+            if key not in seen:  # the same file listed twice is read once
+                seen.add(key)
+                files.append(key)
+    if not files:
+        raise InputError("no image paths on standard input")
+    base = Path(os.path.commonpath([f.parent for f in files]))
+    _stdin_listing[id(sys.stdin)] = (files, base)
+    return files, base
 
 
 @dataclass
@@ -146,12 +194,15 @@ def read_images(
     """
     import torch
 
-    root = Path(root)
-    files = paths if paths is not None else list_images(root)
+    if paths is not None:
+        root = Path(root)
+        files, base = paths, (root if root.is_dir() else root.parent)
+    else:
+        files, base = input_files(root)
+        root = Path(root)
     if not files:
         raise InputError(f"no images found in {root} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
     items, tensors, failures = [], [], []
-    base = root if root.is_dir() else root.parent
     for path in files:
         try:
             img = load_pil(path)
@@ -181,8 +232,48 @@ def output_path(out_dir: Path, name: str) -> Path:
     return Path(out_dir) / f"{name}.png"
 
 
-def write_png(path: Path, pixels, *, force: bool = False) -> Path:
-    """Write one image (a [-1,1] 3×H×W tensor or a uint8 H×W×3 array) atomically, metadata-free."""
+EXIF_ORIENTATION = 0x0112
+
+
+def source_metadata(path: Path) -> dict:
+    """PNG save arguments that carry one source file's metadata over to its output (``--keep-metadata``).
+
+    Kept: EXIF (GPS and camera tags included: the user asked for it) with Orientation reset to 1, because
+    the pixels were turned upright when read; the ICC colour profile; the resolution (dpi); PNG text
+    chunks. Not kept: XMP, JPEG comments, EXIF thumbnails (they would show the unprotected picture).
+    """
+    from PIL import PngImagePlugin
+
+    try:
+        with Image.open(path) as img:
+            info = dict(img.info)
+            exif = img.getexif()
+            text = dict(getattr(img, "text", {}) or {})
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise InputError(f"cannot read the metadata of {path}: {exc}") from None
+    kwargs: dict = {}
+    if len(exif):
+        if EXIF_ORIENTATION in exif:
+            exif[EXIF_ORIENTATION] = 1
+        exif_bytes = exif.tobytes()  # IFD0 (+ Exif/GPS sub-IFDs); the IFD1 thumbnail is not written
+        kwargs["exif"] = exif_bytes
+    if info.get("icc_profile"):
+        kwargs["icc_profile"] = info["icc_profile"]
+    if "dpi" in info:
+        kwargs["dpi"] = tuple(float(v) for v in info["dpi"])
+    if text:
+        chunks = PngImagePlugin.PngInfo()
+        for key, value in text.items():
+            chunks.add_text(str(key), str(value))
+        kwargs["pnginfo"] = chunks
+    return kwargs
+
+
+def write_png(path: Path, pixels, *, force: bool = False, metadata: dict | None = None) -> Path:
+    """Write one image (a [-1,1] 3×H×W tensor or a uint8 H×W×3 array) atomically.
+
+    Metadata-free unless ``metadata`` (from :func:`source_metadata`) is given.
+    """
     path = Path(path)
     if path.exists() and not force:
         raise OutputExistsError(f"{path} exists", hint="pass --force to overwrite, or --resume to skip finished items")
@@ -192,7 +283,7 @@ def write_png(path: Path, pixels, *, force: bool = False) -> Path:
     try:
         with os.fdopen(fd, "wb") as fh:
             # A fresh Image carries no EXIF/GPS/text chunks: metadata is stripped by construction.
-            Image.fromarray(np.ascontiguousarray(arr), "RGB").save(fh, format="PNG")
+            Image.fromarray(np.ascontiguousarray(arr), "RGB").save(fh, format="PNG", **(metadata or {}))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -37,12 +37,11 @@ class Subject:
 
 
 def read_images(root: Path, keep_going: bool, run) -> list[ScoreImage]:
-    from cloak.io.images import list_images, load_pil
+    from cloak.io.images import input_files, load_pil
 
-    files = list_images(root)
+    files, base = input_files(root)
     if not files:
         raise InputError(f"no images found in {root}")
-    base = root if root.is_dir() else root.parent
     out = []
     for path in files:
         try:
