@@ -63,8 +63,18 @@ def _pick_device(requested: str) -> str:
         if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
             return "mps"
         return "cpu"
-    if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {requested} requested but CUDA is not available", hint="use --device cpu")
+    import re
+
+    if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", requested):
+        raise UsageError(f"unknown --device {requested!r}; valid: auto, cpu, cuda, cuda:N, mps")
+    if requested.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {requested} requested but CUDA is not available", hint="use --device cpu")
+        index = int(requested.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise UsageError(f"--device {requested}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if requested == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UsageError("--device mps requested but MPS is not available", hint="use --device cpu")
     return requested
 
 
@@ -93,6 +103,9 @@ class VerbRun:
             raise UsageError(f"unknown --dtype {dtype_name!r}; valid: fp32, bf16, fp16")
         self.dtype_name = DTYPES[dtype_name]
         self.resolution_flag = self.value("resolution", common.resolution, None)
+        if self.resolution_flag is not None and (isinstance(self.resolution_flag, bool) or
+                                                 not isinstance(self.resolution_flag, int) or self.resolution_flag < 1):
+            raise UsageError(f"--resolution must be a positive number of pixels, got {self.resolution_flag!r}")
         self.cache = resolve_cache_dir(common.cache_dir or self.cfg.defaults.get("cache_dir"))
         self.warnings: list[str] = []
         self.items: list[ItemRecord] = []

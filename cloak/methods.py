@@ -140,5 +140,18 @@ class Method:
 
 
 def _type_name(annotation: Any) -> str:
-    text = getattr(annotation, "__name__", None) or str(annotation)
-    return text.replace("typing.", "")
+    """``int``, ``float | None``, ``m11|01|255`` (a Literal shows its choices), ``list[str]``."""
+    from typing import Literal, Union, get_args, get_origin
+
+    origin = get_origin(annotation)
+    if origin is Literal:
+        return "|".join(str(a) for a in get_args(annotation))
+    if origin is Union or type(annotation).__name__ == "UnionType":
+        return " | ".join(_type_name(a) for a in get_args(annotation))
+    if origin is list:
+        return "list of " + "".join(_type_name(a) for a in get_args(annotation))  # typed as a,b,c
+    if annotation is type(None):
+        return "none"
+    if origin is not None:
+        return str(annotation).replace("typing.", "")
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")

@@ -314,3 +314,15 @@ def test_paths_on_stdin(cli, tmp_path, monkeypatch):
     r = cli("protect", *ASPL_FAST, "-", tmp_path / "out2")
     assert r.exit_code == 3 and "line 2" in r.stderr and "gone.png" in r.stderr
     assert not (tmp_path / "out2").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--device", "foo"], "unknown --device"),
+    (["--device", "cuda:99"], "--device cuda:99"),
+    (["--resolution", "0"], "--resolution must be a positive"),
+    (["--resolution", "12"], "multiple of 8"),
+])
+def test_bad_run_flags_are_usage_errors_before_any_work(cli, image_dir, tmp_path, flags, message):
+    r = cli("protect", *ASPL_FAST, *flags, image_dir, tmp_path / "out")
+    assert r.exit_code == 2 and message in r.stderr, r.stderr
+    assert not (tmp_path / "out").exists()

@@ -89,7 +89,15 @@ def show(name: str, verb: str | None, as_json: bool) -> None:
         _output.data(f"  implements: {info.get('implements', '')}")
         if info.get("notes"):
             _output.data(f"  notes: {info['notes']}")
-        for row in info["options"]:
-            unit = f" [{row['unit']}]" if row["unit"] else ""
+        rows = info["options"]
+        # Defaults as they are typed after -o (lists comma-separated); a unit names the option that holds
+        # it (eps is in `unit`), so it shows that option's default.
+        typed = {row["name"]: ",".join(map(str, d)) if isinstance(d := row["default"], list) else str(d)
+                 for row in rows}
+        settings = [f"{row['name']}={typed[row['name']]}" for row in rows]
+        kinds = [row["type"] + (f" [{typed.get(row['unit'], row['unit'])}]" if row["unit"] else "") for row in rows]
+        width = min(max(map(len, settings), default=0), 40)  # one column, unless a default is very long
+        kind_width = min(max(map(len, kinds), default=0), 18)
+        for setting, kind, row in zip(settings, kinds, rows):
             prop = " (proposed default)" if row["proposal"] else ""
-            _output.data(f"  -o {row['name']}={row['default']!s:<24} {row['type']}{unit}  {row['help']}{prop}")
+            _output.data(f"  -o {setting:<{width}}  {kind:<{kind_width}}  {row['help']}{prop}")

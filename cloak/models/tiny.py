@@ -150,6 +150,12 @@ def build_pipeline_dir(shape_name: str, target: Path, *, prediction_type: str = 
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         pipe.save_pretrained(staging, safe_serialization=True)
+        # The real SD scheduler configs carry clip_sample=false although PNDM ignores it; DDIM/DDPM loaded
+        # from this config read it (and warn when it is missing), so write it as they do.
+        scheduler_config = staging / "scheduler" / "scheduler_config.json"
+        config = json.loads(scheduler_config.read_text(encoding="utf-8"))
+        config["clip_sample"] = schedule["clip_sample"]
+        scheduler_config.write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
         (staging / "cloak_builtin.json").write_text(
             json.dumps({"shape": shape_name, "seed": TINY_SEED, "prediction_type": prediction_type,
                         "note": "random weights: protects and measures nothing"}), encoding="utf-8")

@@ -116,6 +116,9 @@ def score_run(generated_dir, *, ref: str | None, metrics: list[str] | None, fail
     from cloak.score.gates import parse_gate
 
     generated_dir = Path(generated_dir)
+    for flag, path in (("--report", report_path), ("--sheet", sheet)):
+        if path is not None and Path(path).is_dir():  # found before any scoring, not after
+            raise UsageError(f"{flag} {path} is a directory; give a file name")
     run = VerbRun("score", SCORE, common, default_method="fdfr", default_model=None)
     run.method_name = None
     metric_names = run.value("metrics", metrics or None, DEFAULT_METRICS_WITH_REF if ref else DEFAULT_METRICS_NO_REF)
