@@ -326,3 +326,8 @@ def test_bad_run_flags_are_usage_errors_before_any_work(cli, image_dir, tmp_path
     r = cli("protect", *ASPL_FAST, *flags, image_dir, tmp_path / "out")
     assert r.exit_code == 2 and message in r.stderr, r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_model_path_that_does_not_exist_is_named_as_a_directory(cli, image_dir, tmp_path):
+    r = cli("attack", "--tiny", "--model", tmp_path / "no-such-model", image_dir, tmp_path / "out")
+    assert r.exit_code == 2 and "model directory" in r.stderr and "no-such-model" in r.stderr

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from cloak.errors import ModelUnavailableError
+from cloak.errors import ModelUnavailableError, UsageError
 from cloak.io.report import ModelRecord
 from cloak.models import cache as model_cache
 from cloak.models.catalog import get_spec
@@ -110,6 +110,10 @@ class Models:
             return str(path), path, stand_in
         if Path(id_or_path).expanduser().exists() and get_spec(id_or_path) is None:
             raise ModelUnavailableError(f"{id_or_path} is not a diffusers model directory (no model_index.json or unet/)")
+        if get_spec(id_or_path) is None and ("/" in id_or_path or id_or_path.startswith((".", "~"))):
+            # A path, not an id: say so rather than "unknown model id".
+            raise UsageError(f"model directory {id_or_path} does not exist",
+                             hint="--model takes a catalog id (`cloak models list`) or a local diffusers directory")
         model_id = id_or_path
         spec = model_cache.spec_or_error(model_id)
         if self.tiny and not spec.builtin:
