@@ -107,12 +107,13 @@ def test_methods_show(cli, method):
     r = cli("methods", "show", method)
     assert r.exit_code == 0, r.stderr
     assert "paper:" in r.stdout and "arXiv" in r.stdout
-    assert "-o eps=" in r.stdout and "[unit]" in r.stdout and "-o steps=" in r.stdout
+    expected = {"advdm": (16.0, 1.0, "255", 100), "photoguard": (0.06, 0.02, "m11", 1000),
+                "mist": (16.0, 1.0, "255", 100)}[method]
+    eps_line = next(line for line in r.stdout.splitlines() if "-o eps=" in line)
+    assert f"[{expected[2]}]" in eps_line and "-o steps=" in r.stdout  # the budget shows its unit
     assert f"Default model: {DEFAULT_MODELS[method]}" in r.stdout
     info = json.loads(cli("methods", "show", method, "--json").stdout)
     rows = {row["name"]: row for row in info["options"]}
-    expected = {"advdm": (16.0, 1.0, "255", 100), "photoguard": (0.06, 0.02, "m11", 1000),
-                "mist": (16.0, 1.0, "255", 100)}[method]
     assert (rows["eps"]["default"], rows["alpha"]["default"], rows["unit"]["default"],
             rows["steps"]["default"]) == expected
     assert rows["eps"]["unit"] == "unit"
