@@ -212,6 +212,8 @@ def same_dirs(a: Path, b: Path) -> bool:
 def run_protect(input_dir, output_dir, *, ref: str | None = None, eps: float | None = None,
                 eps_unit: str | None = None, steps: int | None = None, target_image: str | None = None,
                 common: Common | None = None, **kwargs) -> Report:
+    import shutil
+
     import torch
 
     from cloak.adversarial import quantize_within_budget
@@ -279,14 +281,30 @@ def run_protect(input_dir, output_dir, *, ref: str | None = None, eps: float | N
     if todo:
         method = run.method_cls(opts, ctx)
         subset = images.subset(todo)
+        snapshots: list[str] = []
+
+        def quantize(pixels):
+            """8-bit levels as saved: within the method's budget of the input after rounding."""
+            eps_m11 = method.budget_m11()
+            return quantize_within_budget(pixels, subset.pixels, eps_m11) if eps_m11 is not None else \
+                ((pixels.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+        def snapshot(label: str, pixels) -> None:
+            """-o save_every: the set mid-run, quantised like the final output, in OUTPUT/.steps/LABEL/."""
+            if not snapshots and (output_dir / ".steps").is_dir():
+                shutil.rmtree(output_dir / ".steps")  # an earlier run's snapshots would mix with these
+            q = quantize(pixels)
+            folder = output_dir / ".steps" / label
+            for j, item in enumerate(subset.items):
+                write_png(output_path(folder, item.name), q[j].permute(1, 2, 0).numpy(), force=True)
+            snapshots.append(str(folder))
+
+        ctx.snapshot = snapshot
         clock = Stopwatch()
         result = method(subset)
         seconds_each = clock.seconds() / len(todo)
-        eps_m11 = method.budget_m11()
-        x0 = subset.pixels
-        q = quantize_within_budget(result.pixels, x0, eps_m11) if eps_m11 is not None else \
-            ((result.pixels.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-        q0 = ((x0.float() + 1) * 127.5).round()
+        q = quantize(result.pixels)
+        q0 = ((subset.pixels.float() + 1) * 127.5).round()
         output_dir.mkdir(parents=True, exist_ok=True)
         for j, i in enumerate(todo):
             item = images.items[i]
@@ -300,6 +318,8 @@ def run_protect(input_dir, output_dir, *, ref: str | None = None, eps: float | N
                           "psnr": round(10 * torch.log10(torch.tensor(1.0 / mse)).item(), 3) if mse > 0 else None,
                           **extra})
         summary.update(result.summary)
+        if snapshots:
+            summary["snapshots"] = snapshots
     report = run.report(opts_record, summary)
     return run.finish(report, output_dir)
 

@@ -91,6 +91,9 @@ class RunContext:
     ref: Any = None  # ImageSet of clean reference images (same identity), if given
     extras: dict[str, Any] = field(default_factory=dict)  # verb-specific flags (target image, prompts, ...)
     warnings: list[str] = field(default_factory=list)
+    # protect: snapshot(label, pixels) writes the set as it is mid-run (``-o save_every``), quantised within
+    # the budget, to OUTPUT/.steps/<label>/; pixels in the order of the ImageSet the method was given.
+    snapshot: Any = None
 
     def iters(self, n: int) -> int:
         """Scale an iteration count by ``--effort`` (never below 1 unless it was 0)."""

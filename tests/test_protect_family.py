@@ -432,3 +432,38 @@ def test_total_pgd_steps_matches_the_run(name, tmp_path, image_dir, ref_dir, mon
     rep = ok(run_cli("protect", "--method", name, *TINY, *tiny_opts(name), "--json", "--ref", ref_dir, image_dir,
                      tmp_path / "o"))
     assert seen["calls"] == seen["K"] == rep["summary"]["pgd_steps"]
+
+
+@pytest.mark.parametrize("method, opts, labels", [
+    ("aspl", {"iterations": 2, "surrogate_steps": 1, "pgd_steps": 1, "save_every": 1},
+     ["iteration-0001", "iteration-0002"]),
+    ("fsmg", {"steps": 4, "surrogate_steps": 1, "save_every": 2}, ["step-0002", "step-0004"]),
+    ("cap", {"host": "fsmg", "steps": 2, "surrogate_steps": 1, "save_every": 1, "ratio_max": 2},
+     ["step-0001", "step-0002"]),
+])
+def test_save_every_writes_the_set_mid_run(tmp_path, method, opts, labels):
+    """The released scripts save x every 10 iterations (ASPL) / 20 steps (FSMG): -o save_every does that, in
+    OUTPUT/.steps/<label>/, quantised within the budget; the last snapshot is the final output, byte for byte
+    (for CAP this also checks that its canonical order is undone)."""
+    from cloak.api import Common, run_protect
+
+    images = write_images(tmp_path / "in", n=3)
+    files = sorted(p.name for p in images.iterdir())
+    common = Common(method=method, tiny=True, argv=[], options={"class_images": "0", **{k: str(v)
+                                                                                      for k, v in opts.items()}})
+    rep = run_protect(images, tmp_path / "out", common=common)
+    steps = tmp_path / "out" / ".steps"
+    assert sorted(p.name for p in steps.iterdir()) == labels
+    assert rep.summary["snapshots"] == [str(steps / label) for label in labels]
+    for label in labels:
+        assert sorted(p.name for p in (steps / label).iterdir()) == files
+    for name in files:
+        assert (steps / labels[-1] / name).read_bytes() == (tmp_path / "out" / name).read_bytes()
+    eps_levels = int(rep.summary["budget"]["eps_m11"] * 127.5 + 1e-6)
+    first = pngs_in(steps / labels[0])
+    for name, arr in pngs_in(images).items():
+        assert np.abs(first[name].astype(int) - arr.astype(int)).max() <= eps_levels
+
+
+def pngs_in(folder: Path) -> dict[str, np.ndarray]:
+    return {p.name: np.asarray(Image.open(p).convert("RGB")) for p in sorted(folder.iterdir()) if p.suffix == ".png"}

@@ -105,6 +105,9 @@ class Aspl(ProtectMethod):
         iterations: int = Field(50, ge=0, description="outer ASPL iterations N")
         surrogate_steps: int = Field(3, ge=0, description="DreamBooth steps per surrogate update (n)")
         pgd_steps: int = Field(6, ge=0, description="PGD steps per iteration (K)")
+        save_every: int = Field(0, ge=0, description="also write the set after every N iterations (FSMG: PGD "
+                                                     "steps) to OUTPUT/.steps/; released code: ASPL every 10 "
+                                                     "iterations, FSMG every 20 steps; 0 = off")
         persistent_cycling: bool = Field(
             False, description="continue the image index across surrogate calls (released code restarts at 0, "
                                "so only images 0..n-1 are ever used) [PROP option]")
@@ -142,11 +145,18 @@ class Aspl(ProtectMethod):
         x = x0.clone()
         history = []
         with ctx.progress.task(self.name or "aspl", iterations) as bar:
-            for _ in range(iterations):
+            for it in range(iterations):
                 x, loss = self.iteration(sd, learner, surrogate, x, x0, state)
                 history.append(loss)
+                self.save_snapshot(x, it + 1, "iteration")
                 bar.advance(1, status=f"loss {loss:.4f}")
         return ProtectResult(x.detach(), summary=self.summary(history))
+
+    def save_snapshot(self, x: torch.Tensor, count: int, unit: str) -> None:
+        """Hand the set to the verb's writer after every ``save_every`` units (iterations, or FSMG's steps)."""
+        every = getattr(self.opts, "save_every", 0)
+        if every and count % every == 0 and self.ctx.snapshot is not None:
+            self.ctx.snapshot(f"{unit}-{count:04d}", x.detach())
 
     def iteration(self, sd, learner: DreamBoothTrainer, surrogate: DreamBoothTrainer, x, x0, state: dict):
         """One ASPL iteration: f' ← DB(copy(f), A, n); K PGD steps against f'; f ← DB(f, x, n)."""
@@ -231,7 +241,7 @@ class Aspl(ProtectMethod):
             trainer.step(sample([i], self.ctx.generator), cls)
         return start + steps
 
-    def pgd(self, sd, unet, text_encoder, x, x0, steps: int, eps: float, alpha: float, bar=None):
+    def pgd(self, sd, unet, text_encoder, x, x0, steps: int, eps: float, alpha: float, bar=None, on_step=None):
         """``steps`` PGD ascent steps on the loss of the frozen (unet, text_encoder); whole batch per step.
 
         Each step draws its randomness once (``draw``) and hands ``update`` a loss of x alone, so a
@@ -248,6 +258,8 @@ class Aspl(ProtectMethod):
 
             x, loss_value = self.update(x, x0, loss_fn, eps, alpha)
             self.pgd_steps_done += 1
+            if on_step is not None:
+                on_step(x, self.pgd_steps_done)
             if bar is not None:
                 bar.advance(1, status=f"loss {loss_value:.4f}")
         return x.detach(), loss_value
@@ -330,7 +342,7 @@ class Aspl(ProtectMethod):
         x = x0.clone()
         history: list[float] = []
         with ctx.progress.task(f"{self.name or 'aspl'} ensemble ×{len(ids)}", iterations * len(ids)) as bar:
-            for _ in range(iterations):
+            for it in range(iterations):
                 acc = torch.zeros_like(x)
                 for m in members:
                     with self._resident(m, members, pairs, x0, clean) as (sd, learner, surrogate):
@@ -339,6 +351,7 @@ class Aspl(ProtectMethod):
                     history.append(loss)
                     bar.advance(1, status=f"{m.id} loss {loss:.4f}")
                 x = acc
+                self.save_snapshot(x, it + 1, "iteration")
         return ProtectResult(x.detach(), summary=self.summary(history))
 
     @contextmanager

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import types
+from dataclasses import replace
 from typing import Any, ClassVar, Literal, Union, get_args, get_origin
 
 import torch
@@ -264,10 +265,12 @@ class Cap(ProtectMethod):
         host.cap_setup(style, ratio_max=o.ratio_max, sign=o.cap_sign, start_fraction=o.start_fraction)
 
         order = canonical_order(images)
-        result = host(images.subset(order))
         inverse = [0] * len(order)
         for position, index in enumerate(order):
             inverse[index] = position
+        if ctx.snapshot is not None:  # the host sees the canonical order; the writer wants the input order
+            host.ctx = replace(ctx, snapshot=lambda label, x, write=ctx.snapshot: write(label, x[inverse]))
+        result = host(images.subset(order))
         pixels = result.pixels[inverse]
         records = [dict(result.records[p]) if p < len(result.records) else {} for p in inverse]
 

@@ -27,6 +27,9 @@ class Fsmg(Aspl):
 
     class Options(TargetOptions, SurrogateOptions):
         steps: int = Field(100, ge=0, description="PGD steps (max_train_steps)")
+        save_every: int = Field(0, ge=0, description="also write the set after every N iterations (FSMG: PGD "
+                                                     "steps) to OUTPUT/.steps/; released code: ASPL every 10 "
+                                                     "iterations, FSMG every 20 steps; 0 = off")
         surrogate_steps: int = Field(1000, ge=0, description="DreamBooth steps of the surrogate on the clean set")
         surrogate_batch_size: int = Field(2, ge=1, description="instance images per surrogate step "
                                                                "(as many class images join)")
@@ -48,7 +51,8 @@ class Fsmg(Aspl):
         self.prepare_target(sd, x0.shape[0])
         steps = self.total_pgd_steps()
         with ctx.progress.task(self.name or "fsmg", steps) as bar:
-            x, loss = self.pgd(sd, unet, text_encoder, x0.clone(), x0, steps, o.eps_m11, o.alpha_m11, bar=bar)
+            x, loss = self.pgd(sd, unet, text_encoder, x0.clone(), x0, steps, o.eps_m11, o.alpha_m11, bar=bar,
+                               on_step=lambda x, k: self.save_snapshot(x, k, "step"))
         summary = self.summary([loss] if steps else [])
         summary["surrogate"] = info
         return ProtectResult(x, summary=summary)

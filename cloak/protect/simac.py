@@ -66,6 +66,9 @@ class Simac(Aspl):
         iterations: int = Field(50, ge=0, description="outer ASPL iterations N")
         surrogate_steps: int = Field(3, ge=0, description="DreamBooth steps per surrogate update (n)")
         pgd_steps: int = Field(6, ge=0, description="PGD steps per iteration (K)")
+        save_every: int = Field(0, ge=0, description="also write the set after every N iterations (FSMG: PGD "
+                                                     "steps) to OUTPUT/.steps/; released code: ASPL every 10 "
+                                                     "iterations, FSMG every 20 steps; 0 = off")
         persistent_cycling: bool = Field(False, description="continue the image index across surrogate calls "
                                                             "(released code restarts at 0) [PROP option]")
         select_rounds: int = Field(50, ge=0, description="greedy timestep-selection rounds at most (max_steps)")
