@@ -331,3 +331,15 @@ def test_bad_run_flags_are_usage_errors_before_any_work(cli, image_dir, tmp_path
 def test_model_path_that_does_not_exist_is_named_as_a_directory(cli, image_dir, tmp_path):
     r = cli("attack", "--tiny", "--model", tmp_path / "no-such-model", image_dir, tmp_path / "out")
     assert r.exit_code == 2 and "model directory" in r.stderr and "no-such-model" in r.stderr
+
+
+def test_out_of_memory_is_one_line_with_a_hint(cli, image_dir, tmp_path, monkeypatch):
+    import torch
+
+    def oom(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr("cloak.api.run_protect", oom)
+    r = cli("protect", *ASPL_FAST, image_dir, tmp_path / "out")
+    assert r.exit_code == 1 and "out of memory" in r.stderr and "fewer images" in r.stderr
+    assert "Traceback" not in r.stderr

@@ -88,12 +88,25 @@ def main(argv: list[str] | None = None) -> int:
             err.print(f"[red]error:[/red] {exc.format_message()}")
         return exc.exit_code
     except Exception as exc:  # noqa: BLE001 — last resort: one line, traceback with CLOAK_DEBUG
+        if _out_of_memory(exc):
+            err.print(f"[red]error:[/red] out of memory: {str(exc).splitlines()[0]}", soft_wrap=True)
+            err.print("hint: protect fewer images per run (aspl, fsmg, simac, metacloak, cap and dladiff put the "
+                      "whole set in one batch), lower --resolution, or use --dtype bf16; `cloak methods show NAME` "
+                      "lists batch_size / gradient_checkpointing where a method has them", soft_wrap=True)
+            return 1
         err.print(f"[red]error:[/red] {type(exc).__name__}: {exc}")
         if os.environ.get("CLOAK_DEBUG"):
             traceback.print_exc()
         else:
             err.print("set CLOAK_DEBUG=1 for the traceback")
         return 1
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """torch.cuda.OutOfMemoryError (or MPS's), or a CPU allocation failure, without importing torch."""
+    text = str(exc)
+    return type(exc).__name__ == "OutOfMemoryError" or "out of memory" in text.lower() or \
+        "DefaultCPUAllocator: can't allocate memory" in text
 
 
 def entry() -> None:
