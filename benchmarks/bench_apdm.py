@@ -23,23 +23,13 @@ import copy
 import json
 import os
 import platform
-import resource
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-
-def _peak_mib(device) -> float:
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+from _harness import DEFAULT_CACHE, peak_mib, run_child, run_context, timed  # noqa: E402
 
 
 def _image_set(pixels):
@@ -55,7 +45,7 @@ def run_variant(model_id: str, variant: str, inner: int, repeats: int, n_images:
 
     from cloak._progress import Progress
     from cloak.immunize.apdm import Apdm
-    from cloak.methods import RunContext, build_options
+    from cloak.methods import build_options
     from cloak.models.handle import Models
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -70,20 +60,8 @@ def run_variant(model_id: str, variant: str, inner: int, repeats: int, n_images:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
 
-    def timed(fn) -> float:
-        fn()  # warm-up: lazy allocations, optimizer state
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(repeats):
-            fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return (time.perf_counter() - t) / repeats
-
     if variant == "cloak":
-        ctx = RunContext(models=models, model=model_id, device=device, dtype=torch.float32, seed=0, generator=gen,
-                         resolution=res, cache_dir=Path(cache), progress=Progress())
+        ctx = run_context(models, model_id, device, gen, res, cache, Progress())
         opts, _ = build_options(Apdm.Options, [("bench", {"class_images": 2, "class_image_steps": 2})], "apdm")
         method = Apdm(opts, ctx)
         method.setup(_image_set(subject), _image_set(safe))
@@ -93,7 +71,7 @@ def run_variant(model_id: str, variant: str, inner: int, repeats: int, n_images:
             method.accumulate(inner)
             method.opt.step()
 
-        seconds = timed(outer)
+        seconds = timed(outer, repeats, device)
     else:
         sched, vae, te, tok = sd.noise_scheduler, sd.vae, sd.text_encoder, sd.tokenizer
         theta = copy.deepcopy(sd.unet).float().requires_grad_(True)
@@ -157,9 +135,9 @@ def run_variant(model_id: str, variant: str, inner: int, repeats: int, n_images:
                                 p1.grad += p2.grad
             opt.step()
 
-        seconds = timed(outer)
+        seconds = timed(outer, repeats, device)
     return {"model": model_id, "variant": variant, "resolution": res, "device": str(device), "inner_steps": inner,
-            "s_per_outer_iteration": seconds, "s_per_inner_step": seconds / inner, "peak_mib": _peak_mib(device)}
+            "s_per_outer_iteration": seconds, "s_per_inner_step": seconds / inner, "peak_mib": peak_mib(device)}
 
 
 def main() -> int:
@@ -168,8 +146,7 @@ def main() -> int:
     parser.add_argument("--inner", type=int, default=2, help="inner steps J per outer iteration (published: 20)")
     parser.add_argument("--repeats", type=int, default=2, help="timed outer iterations (after one warm-up)")
     parser.add_argument("--images", type=int, default=4)
-    parser.add_argument("--cache", default=os.environ.get("CLOAK_CACHE_DIR") or str(Path(tempfile.gettempdir()) /
-                                                                                  "cloak-bench-cache"))
+    parser.add_argument("--cache", default=DEFAULT_CACHE)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--_child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -178,13 +155,8 @@ def main() -> int:
         return 0
     rows = []
     for variant in ("straightforward", "cloak"):
-        out = subprocess.run([sys.executable, __file__, "--_child", variant, "--model", args.model, "--inner",
-                              str(args.inner), "--repeats", str(args.repeats), "--images", str(args.images),
-                              "--cache", args.cache], capture_output=True, text=True)
-        if out.returncode != 0:
-            print(out.stderr, file=sys.stderr)
-            return 1
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        rows.append(run_child(__file__, ["--_child", variant, "--model", args.model, "--inner", args.inner,
+                                         "--repeats", args.repeats, "--images", args.images, "--cache", args.cache]))
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0

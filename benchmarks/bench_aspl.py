@@ -18,34 +18,22 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
-import resource
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-
-def _peak_mb(device) -> float:
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+from _harness import DEFAULT_CACHE, peak_mib, run_child, run_context, timed  # noqa: E402
 
 
 def run_variant(model_id: str, variant: str, n_images: int, repeats: int, cache: str) -> dict:
     import torch
 
-    from cloak.diffusion import denoising_loss, encode_latents, encode_prompts
+    from cloak.diffusion import denoising_loss, encode_latents
     from cloak.diffusion.dreambooth import DreamBoothConfig, DreamBoothTrainer, copy_params
     from cloak.models.handle import Models
     from cloak.protect.aspl import Aspl
-    from cloak.methods import RunContext
     from cloak._progress import Progress
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -59,21 +47,8 @@ def run_variant(model_id: str, variant: str, n_images: int, repeats: int, cache:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
 
-    def timed(fn, warmup=1):
-        for _ in range(warmup):
-            fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        for _ in range(repeats):
-            fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return (time.perf_counter() - t) / repeats
-
     if variant == "cloak":
-        ctx = RunContext(models=models, model=model_id, device=device, dtype=torch.float32, seed=0, generator=gen,
-                         resolution=res, cache_dir=Path(cache), progress=Progress())
+        ctx = run_context(models, model_id, device, gen, res, cache, Progress())
         method = Aspl(Aspl.Options(class_images=0), ctx)
         learner, surrogate = method.surrogate_pair(sd, x0)
 
@@ -89,8 +64,8 @@ def run_variant(model_id: str, variant: str, n_images: int, repeats: int, cache:
                 learner.step(method._ref_latents.sample([i % n_images], gen))
             learner.freeze()
 
-        pgd_s = timed(pgd)
-        db_s = timed(db) / 3
+        pgd_s = timed(pgd, repeats, device)
+        db_s = timed(db, repeats, device) / 3
     else:
         unet, te = sd.trainable_copy()  # the persistent surrogate f (weights require grad, as released)
         ids = sd.tokenizer([prompt], padding="max_length", max_length=sd.tokenizer.model_max_length,
@@ -115,10 +90,10 @@ def run_variant(model_id: str, variant: str, n_images: int, repeats: int, cache:
             for i in range(3):
                 trainer.step(encode_latents(sd.vae, x0[i % n_images:i % n_images + 1], gen).detach())
 
-        pgd_s = timed(pgd)
-        db_s = timed(db) / 3
+        pgd_s = timed(pgd, repeats, device)
+        db_s = timed(db, repeats, device) / 3
     return {"model": model_id, "variant": variant, "images": n_images, "resolution": res, "device": str(device),
-            "pgd_step_s": pgd_s, "db_step_s": db_s, "peak_mb": _peak_mb(device)}
+            "pgd_step_s": pgd_s, "db_step_s": db_s, "peak_mb": peak_mib(device)}
 
 
 def main() -> int:
@@ -126,8 +101,7 @@ def main() -> int:
     parser.add_argument("--models", nargs="*", default=None)
     parser.add_argument("--images", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--cache", default=os.environ.get("CLOAK_CACHE_DIR") or str(Path(tempfile.gettempdir()) /
-                                                                                  "cloak-bench-cache"))
+    parser.add_argument("--cache", default=DEFAULT_CACHE)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -140,13 +114,8 @@ def main() -> int:
     rows = []
     for model_id in models:
         for variant in ("straightforward", "cloak"):
-            out = subprocess.run([sys.executable, __file__, "--_child", model_id, variant, "--images",
-                                  str(args.images), "--repeats", str(args.repeats), "--cache", args.cache],
-                                 capture_output=True, text=True)
-            if out.returncode != 0:
-                print(out.stderr, file=sys.stderr)
-                return 1
-            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            rows.append(run_child(__file__, ["--_child", model_id, variant, "--images", args.images,
+                                             "--repeats", args.repeats, "--cache", args.cache]))
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0

@@ -31,16 +31,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from _harness import (  # noqa: E402
+    DEFAULT_CACHE, native_resolution, peak_mib, random_image_set, rss_mib, run_child, run_context,
+)
 
 CLASS = {"class_images": 2, "class_image_steps": 2}  # 1 instance + 1 class image per DB step, cheap to make
 METHODS = {  # name → (registry name, options, outer bar, other bars worth reporting)
@@ -101,39 +102,30 @@ def run_method(model_id: str, name: str, n_images: int, cache: str) -> dict:
     import torch
     import transformers  # noqa: F401
 
-    from cloak.io.images import ImageItem, ImageSet
-    from cloak.methods import RunContext, build_options
+    from cloak.methods import build_options
     from cloak.models.handle import Models
     from cloak.protect import PROTECT
 
-    imports_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    imports_mb = rss_mib()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     method_name, extra, outer, others = METHODS[name]
     extra = {k: (v.format(m=model_id) if isinstance(v, str) else v) for k, v in extra.items()}
     cls = PROTECT.get(method_name)
     opts, _ = build_options(cls.Options, [("bench", {**CLASS, **extra})], method_name)
     models = Models(cache_dir=Path(cache), device=device)
-    _, path, _ = models.resolve(model_id, "probe")
-    unet_cfg = json.loads((path / "unet" / "config.json").read_text())
-    vae_cfg = json.loads((path / "vae" / "config.json").read_text())
-    res = unet_cfg["sample_size"] * 2 ** (len(vae_cfg["block_out_channels"]) - 1)
+    res = native_resolution(models.resolve(model_id, "probe")[1])
     gen = torch.Generator().manual_seed(0)
-    pixels = torch.rand(n_images, 3, res, res, generator=gen).mul(2).sub(1)
-    images = ImageSet([ImageItem(f"img{i}", Path(f"img{i}.png"), (res, res), "") for i in range(n_images)], pixels)
+    images = random_image_set(n_images, res, gen)
     clock = _Clock()
     if device.type == "cuda":
         clock.sync = torch.cuda.synchronize
         torch.cuda.reset_peak_memory_stats()
-    ctx = RunContext(models=models, model=model_id, device=device, dtype=torch.float32, seed=0, generator=gen,
-                     resolution=res, cache_dir=Path(cache), progress=clock, extras={})
+    ctx = run_context(models, model_id, device, gen, res, cache, clock)
     method = cls(opts, ctx)
     start = time.perf_counter()
     method(images)
     total = time.perf_counter() - start
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - imports_mb
+    peak = peak_mib(device, imports_mb)
     outer_s = clock.median(outer)
     if outer_s is not None and name == "aspl-ensemble":
         outer_s *= len(opts.models)  # the ensemble bar advances once per model
@@ -150,8 +142,7 @@ def main() -> int:
     parser.add_argument("--model", default="mid-sd")
     parser.add_argument("--methods", nargs="*", default=list(METHODS))
     parser.add_argument("--images", type=int, default=4)
-    parser.add_argument("--cache", default=os.environ.get("CLOAK_CACHE_DIR") or str(Path(tempfile.gettempdir()) /
-                                                                                  "cloak-bench-cache"))
+    parser.add_argument("--cache", default=DEFAULT_CACHE)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--_child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -161,12 +152,8 @@ def main() -> int:
     rows = []
     load_before = os.getloadavg()[0]
     for name in args.methods:
-        out = subprocess.run([sys.executable, __file__, "--_child", name, "--model", args.model,
-                              "--images", str(args.images), "--cache", args.cache], capture_output=True, text=True)
-        if out.returncode != 0:
-            print(out.stderr, file=sys.stderr)
-            return 1
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        rows.append(run_child(__file__, ["--_child", name, "--model", args.model, "--images", args.images,
+                                         "--cache", args.cache]))
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0

@@ -24,16 +24,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from _harness import (  # noqa: E402
+    DEFAULT_CACHE, native_resolution, peak_mib, random_image_set, rss_mib, run_child, run_context,
+)
 
 METHODS = {  # name → (registry name, extra options)
     "advdm": ("advdm", {}),
@@ -74,34 +75,26 @@ def run_variant(model_id: str, name: str, variant: str, n_images: int, steps: in
     import torch
     import transformers  # noqa: F401
 
-    from cloak.io.images import ImageItem, ImageSet
-    from cloak.methods import RunContext, build_options
+    from cloak.methods import build_options
     from cloak.models.handle import Models
     from cloak.protect import PROTECT
 
     # Peak RSS after the imports: the interpreter + torch + diffusers, before any weights (CPU figure).
-    imports_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    imports_mb = rss_mib()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     method_name, extra = METHODS[name]
     cls = PROTECT.get(method_name)
     batch = n_images if variant == "batched" else 1
     opts, _ = build_options(cls.Options, [("bench", {**extra, "steps": steps, "batch_size": batch})], method_name)
     models = Models(cache_dir=Path(cache), device=device)
-    # The native resolution from the configs: loading the UNet here would inflate the peak memory of
-    # the methods that load the VAE alone (photoguard, mist textural).
-    _, path, _ = models.resolve(model_id, "probe")
-    unet_cfg = json.loads((path / "unet" / "config.json").read_text())
-    vae_cfg = json.loads((path / "vae" / "config.json").read_text())
-    res = unet_cfg["sample_size"] * 2 ** (len(vae_cfg["block_out_channels"]) - 1)
+    res = native_resolution(models.resolve(model_id, "probe")[1])  # photoguard/mist textural load no UNet
     gen = torch.Generator().manual_seed(0)
-    pixels = torch.rand(n_images, 3, res, res, generator=gen).mul(2).sub(1)
-    images = ImageSet([ImageItem(f"img{i}", Path(f"img{i}.png"), (res, res), "") for i in range(n_images)], pixels)
+    images = random_image_set(n_images, res, gen)
     clock = _Clock()
     if device.type == "cuda":
         clock.sync = torch.cuda.synchronize
         torch.cuda.reset_peak_memory_stats()
-    ctx = RunContext(models=models, model=model_id, device=device, dtype=torch.float32, seed=0, generator=gen,
-                     resolution=res, cache_dir=Path(cache), progress=clock, extras={})
+    ctx = run_context(models, model_id, device, gen, res, cache, clock)
     start = time.perf_counter()
     cls(opts, ctx)(images)
     total = time.perf_counter() - start
@@ -110,10 +103,7 @@ def run_variant(model_id: str, name: str, variant: str, n_images: int, steps: in
     per_batch = [intervals[i:i + steps] for i in range(0, len(intervals), steps)]
     step_s = statistics.median(x for chunk in per_batch for x in chunk[1:])
     set_step_s = step_s * len(per_batch)
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - imports_mb
+    peak = peak_mib(device, imports_mb)
     return {"model": model_id, "method": name, "variant": variant, "images": n_images, "batch_size": batch,
             "resolution": res, "device": str(device), "steps": steps, "set_step_s": set_step_s,
             "image_step_s": set_step_s / n_images, "run_s": total, "peak_mb": peak}
@@ -125,8 +115,7 @@ def main() -> int:
     parser.add_argument("--methods", nargs="*", default=list(METHODS))
     parser.add_argument("--images", type=int, default=4)
     parser.add_argument("--steps", type=int, default=6)
-    parser.add_argument("--cache", default=os.environ.get("CLOAK_CACHE_DIR") or str(Path(tempfile.gettempdir()) /
-                                                                                  "cloak-bench-cache"))
+    parser.add_argument("--cache", default=DEFAULT_CACHE)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -137,13 +126,8 @@ def main() -> int:
     rows = []
     for name in args.methods:
         for variant in ("per-image", "batched"):
-            out = subprocess.run([sys.executable, __file__, "--_child", name, variant, "--model", args.model,
-                                  "--images", str(args.images), "--steps", str(args.steps), "--cache", args.cache],
-                                 capture_output=True, text=True)
-            if out.returncode != 0:
-                print(out.stderr, file=sys.stderr)
-                return 1
-            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            rows.append(run_child(__file__, ["--_child", name, variant, "--model", args.model, "--images",
+                                             args.images, "--steps", args.steps, "--cache", args.cache]))
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
