@@ -12,6 +12,7 @@ of each bar is dropped as warm-up and the median of the rest is reported.
 
 What "outer iteration" means per method:
   aspl          one ASPL iteration: n DB steps (learner) + K PGD steps + n DB steps (surrogate)
+  aspl-pgd-batch-1  the same with -o pgd_batch=1: one image per UNet pass in the PGD steps (memory bound)
   aspl-ensemble one E-ASPL iteration over 3 models (here the same model three times: the per-model
                 buffers and the averaging are exercised, the weights are the same); measured per model
                 and multiplied by 3
@@ -46,6 +47,7 @@ from _harness import (  # noqa: E402
 CLASS = {"class_images": 2, "class_image_steps": 2}  # 1 instance + 1 class image per DB step, cheap to make
 METHODS = {  # name → (registry name, options, outer bar, other bars worth reporting)
     "aspl": ("aspl", {"iterations": 2, "surrogate_steps": 3, "pgd_steps": 6}, "aspl", []),
+    "aspl-pgd-batch-1": ("aspl", {"iterations": 2, "surrogate_steps": 3, "pgd_steps": 6, "pgd_batch": 1}, "aspl", []),
     "aspl-ensemble": ("aspl", {"iterations": 1, "surrogate_steps": 3, "pgd_steps": 6, "models": "{m},{m},{m}"},
                       "aspl ensemble", []),
     "fsmg": ("fsmg", {"surrogate_steps": 4, "steps": 6}, "fsmg", ["surrogate dreambooth"]),
@@ -159,12 +161,12 @@ def main() -> int:
         return 0
     print(f"model {args.model}, {args.images} images, {rows[0]['resolution']} px, device {rows[0]['device']}, "
           f"load average {load_before:.1f} → {os.getloadavg()[0]:.1f}")
-    print(f"{'method':<14} {'s/outer iter':>12} {'peak MB':>9}  other")
+    print(f"{'method':<17} {'s/outer iter':>12} {'peak MB':>9}  other")
     for r in rows:
         other = ", ".join(f"{k[:-2].replace('_', ' ')} {v:.3f} s" for k, v in r.items()
                           if k.endswith("_s") and k not in ("outer_s", "run_s") and v is not None)
         outer = f"{r['outer_s']:.3f}" if r["outer_s"] is not None else "n/a"
-        print(f"{r['method']:<14} {outer:>12} {r['peak_mb']:>9.0f}  {other}")
+        print(f"{r['method']:<17} {outer:>12} {r['peak_mb']:>9.0f}  {other}")
     return 0
 
 

@@ -6,6 +6,7 @@ to the device, so a seed gives the same numbers on every device.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -58,6 +59,11 @@ class Draw:
             n, scheduler.config.num_train_timesteps, generator, device)
         return cls(t.to(device), sample_noise((n, *latent_shape), generator, device),
                    sample_noise((n, *latent_shape), generator, device))
+
+    def rows(self, rows: slice) -> Draw:
+        """The same draw for a slice of the images (a chunk of a batch keeps its images' randomness)."""
+        return dataclasses.replace(self, timesteps=self.timesteps[rows], noise=self.noise[rows],
+                                   posterior_noise=self.posterior_noise[rows])
 
 
 @dataclass

@@ -18,6 +18,8 @@ MetaCloak subclass this class) and by plug-ins (CAP overrides ``update``).
 
 from __future__ import annotations
 
+import dataclasses
+
 import hashlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -49,6 +51,12 @@ class SurrogateOptions(BudgetOptions):
     train_text_encoder: bool = Field(True, description="surrogate DreamBooth also trains the text encoder")
 
 
+def pgd_batch_field():
+    """``pgd_batch`` of the methods whose PGD step goes through ``Aspl.loss_and_grad`` (ASPL, FSMG, SimAC)."""
+    return Field(0, ge=0, description="images per UNet pass in a PGD step (0 = the whole set at once, as released); "
+                                      "smaller bounds memory with the same draws and the same step")
+
+
 class TargetOptions(MethodOptions):
     """The targeted variant (T-ASPL / T-FSMG, protect.md §1): on when a target image is given."""
 
@@ -65,6 +73,12 @@ class FamilyDraw(Draw):
     step's loss — CAP evaluates many candidates — sees the same randomness."""
 
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def rows(self, rows: slice) -> FamilyDraw:
+        n = len(self.timesteps)
+        extra = {k: v[rows] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == n else v
+                 for k, v in self.extra.items()}
+        return dataclasses.replace(super().rows(rows), extra=extra)
 
 
 def ddpm_prev_sample(scheduler, model_output: torch.Tensor, timesteps: torch.Tensor, sample: torch.Tensor,
@@ -105,6 +119,7 @@ class Aspl(ProtectMethod):
         iterations: int = Field(50, ge=0, description="outer ASPL iterations N")
         surrogate_steps: int = Field(3, ge=0, description="DreamBooth steps per surrogate update (n)")
         pgd_steps: int = Field(6, ge=0, description="PGD steps per iteration (K)")
+        pgd_batch: int = pgd_batch_field()
         save_every: int = Field(0, ge=0, description="also write the set after every N iterations (FSMG: PGD "
                                                      "steps) to OUTPUT/.steps/; released code: ASPL every 10 "
                                                      "iterations, FSMG every 20 steps; 0 = off")
@@ -253,8 +268,8 @@ class Aspl(ProtectMethod):
         for _ in range(steps):
             draw = self.draw(sd, x)
 
-            def loss_fn(pixels, draw=draw):
-                return self.loss(sd, unet, pixels, text, draw)
+            def loss_fn(pixels, rows: slice | None = None, draw=draw):
+                return self.loss(sd, unet, pixels, text, draw if rows is None else draw.rows(rows), rows=rows)
 
             x, loss_value = self.update(x, x0, loss_fn, eps, alpha)
             self.pgd_steps_done += 1
@@ -281,7 +296,7 @@ class Aspl(ProtectMethod):
             extra["step_noise"] = sample_noise((x.shape[0], *shape), self.ctx.generator, x.device)
         return FamilyDraw(d.timesteps, d.noise, d.posterior_noise, extra)
 
-    def loss(self, sd, unet, pixels, text, draw: Draw) -> torch.Tensor:
+    def loss(self, sd, unet, pixels, text, draw: Draw, rows: slice | None = None) -> torch.Tensor:
         """L_dn of ``pixels`` (gradient flows through the VAE encoder) on one fixed draw; with a target,
         the targeted loss of protect.md §1."""
         latents = encode_latents(sd.vae, pixels, posterior_noise=draw.posterior_noise)
@@ -307,10 +322,42 @@ class Aspl(ProtectMethod):
 
     def update(self, x, x0, loss_fn, eps: float, alpha: float):
         """One PGD ascent step (sign of ∇ₓ loss), projected to the budget. Plug-ins override this."""
-        x = x.detach().requires_grad_(True)
-        loss = loss_fn(x)
-        (grad,) = torch.autograd.grad(loss, x)
-        return pgd_step(x.detach(), grad, x0, alpha, eps), float(loss.detach())
+        loss, grad = self.loss_and_grad(x, loss_fn)
+        return pgd_step(x.detach(), grad, x0, alpha, eps), loss
+
+    def chunks(self, n: int) -> list[slice] | None:
+        """Row slices of ``pgd_batch`` images, or None when the whole set goes through at once."""
+        size = getattr(self.opts, "pgd_batch", 0)
+        return [slice(i, min(i + size, n)) for i in range(0, n, size)] if 0 < size < n else None
+
+    def loss_and_grad(self, x: torch.Tensor, loss_fn) -> tuple[float, torch.Tensor]:
+        """The step's loss (the mean over the set) and ∇ₓ of it, in ``pgd_batch`` chunks when asked.
+
+        Every term of the family's losses is a mean of per-image means of equal size, so the chunk
+        losses weighted by their share of the set add up to the whole set's loss, and so do the
+        gradients; each chunk keeps its images' draws."""
+        chunks = self.chunks(x.shape[0])
+        if chunks is None:
+            x = x.detach().requires_grad_(True)
+            loss = loss_fn(x)
+            (grad,) = torch.autograd.grad(loss, x)
+            return float(loss.detach()), grad
+        total, grads = 0.0, []
+        for rows in chunks:
+            part = x[rows].detach().requires_grad_(True)
+            loss = loss_fn(part, rows) * ((rows.stop - rows.start) / x.shape[0])
+            (g,) = torch.autograd.grad(loss, part)
+            grads.append(g)
+            total += float(loss.detach())
+        return total, torch.cat(grads)
+
+    @torch.no_grad()
+    def loss_value(self, x: torch.Tensor, loss_fn) -> float:
+        """The step's loss at ``x`` without a gradient (CAP's candidates), chunked like ``loss_and_grad``."""
+        chunks = self.chunks(x.shape[0])
+        if chunks is None:
+            return float(loss_fn(x))
+        return sum(float(loss_fn(x[rows], rows)) * (rows.stop - rows.start) / x.shape[0] for rows in chunks)
 
     # --- T-ASPL / T-FSMG --------------------------------------------------------------------------
     def prepare_target(self, sd, n: int) -> None:

@@ -169,9 +169,7 @@ class CapPlugin:
         if k < st["k_hat"]:
             return super().update(x, x0, loss_fn, eps, alpha)
         n = x.shape[0]
-        x = x.detach().requires_grad_(True)
-        loss = loss_fn(x)
-        (grad,) = torch.autograd.grad(loss, x)
+        loss, grad = self.loss_and_grad(x, loss_fn)
         # The hosts return the batch mean; Alg. 1's L_re is the sum over the set. Scaling after the
         # backward pass keeps r = 0 bit-identical to the host's own step.
         g_re = grad * n
@@ -187,7 +185,7 @@ class CapPlugin:
                     continue  # the same candidate point as r − 1: same loss, never a strict improvement
                 previous = direction
                 candidate = pgd_step(x, direction, x0, alpha, eps)
-                value = float(loss_fn(candidate)) * n
+                value = self.loss_value(candidate, loss_fn) * n
                 st["evaluated"] += 1
                 if host_value is None:
                     host_value = value  # r = 0: where the host's own step lands
@@ -197,7 +195,7 @@ class CapPlugin:
         st["consistency"].append(float(cons.detach()))
         # L_re after the step on the step's own draw: the chosen candidate vs the host's own step (r = 0).
         st["step_loss"].append((best_value, host_value))
-        return best_x, float(loss.detach())
+        return best_x, loss
 
 
 def _plugged(host_cls: type[Aspl]) -> type:

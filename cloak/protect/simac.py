@@ -22,7 +22,7 @@ from pydantic import Field
 from cloak.adversarial import pgd_step
 from cloak.diffusion import Draw, LatentCache, denoising_loss, encode_latents, encode_prompts, sample_noise
 from cloak.diffusion.dreambooth import autocast_for
-from cloak.protect.aspl import Aspl, SurrogateOptions
+from cloak.protect.aspl import Aspl, SurrogateOptions, pgd_batch_field
 
 
 class FeatureTap:
@@ -66,6 +66,7 @@ class Simac(Aspl):
         iterations: int = Field(50, ge=0, description="outer ASPL iterations N")
         surrogate_steps: int = Field(3, ge=0, description="DreamBooth steps per surrogate update (n)")
         pgd_steps: int = Field(6, ge=0, description="PGD steps per iteration (K)")
+        pgd_batch: int = pgd_batch_field()
         save_every: int = Field(0, ge=0, description="also write the set after every N iterations (FSMG: PGD "
                                                      "steps) to OUTPUT/.steps/; released code: ASPL every 10 "
                                                      "iterations, FSMG every 20 steps; 0 = off")
@@ -161,17 +162,18 @@ class Simac(Aspl):
         d.extra["clean_posterior_noise"] = sample_noise(d.posterior_noise.shape, self.ctx.generator, x.device)
         return d
 
-    def loss(self, sd, unet, pixels, text, draw) -> torch.Tensor:
+    def loss(self, sd, unet, pixels, text, draw, rows: slice | None = None) -> torch.Tensor:
         lam = self.opts.feature_weight
         if lam == 0:
-            return super().loss(sd, unet, pixels, text, draw)
+            return super().loss(sd, unet, pixels, text, draw, rows)
         resnets = unet.up_blocks[-1].resnets  # up_blocks[3] on SD: the 64×64-latent up-block
         with FeatureTap(resnets) as tap:
-            loss = super().loss(sd, unet, pixels, text, draw)
+            loss = super().loss(sd, unet, pixels, text, draw, rows)
         feats = tap.features()
         with torch.no_grad(), FeatureTap(resnets) as clean_tap:
             cache = self._clean_latents
-            z = (cache.mean + cache.std * draw.extra["clean_posterior_noise"].to(cache.mean.dtype)) * cache.scaling
+            mean, std = (cache.mean, cache.std) if rows is None else (cache.mean[rows], cache.std[rows])
+            z = (mean + std * draw.extra["clean_posterior_noise"].to(mean.dtype)) * cache.scaling
             dt = next(unet.parameters()).dtype
             with autocast_for(z.device):
                 noisy = sd.noise_scheduler.add_noise(z, draw.noise.to(z.dtype), draw.timesteps)
