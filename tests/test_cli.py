@@ -341,5 +341,5 @@ def test_out_of_memory_is_one_line_with_a_hint(cli, image_dir, tmp_path, monkeyp
 
     monkeypatch.setattr("cloak.api.run_protect", oom)
     r = cli("protect", *ASPL_FAST, image_dir, tmp_path / "out")
-    assert r.exit_code == 1 and "out of memory" in r.stderr and "fewer images" in r.stderr
+    assert r.exit_code == 1 and "out of memory" in r.stderr and "pgd_batch" in r.stderr
     assert "Traceback" not in r.stderr
