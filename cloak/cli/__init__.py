@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 — last resort: one line, traceback with CLOAK_DEBUG
         if _out_of_memory(exc):
             err.print(f"[red]error:[/red] out of memory: {str(exc).splitlines()[0]}", soft_wrap=True)
-            err.print("hint: aspl, fsmg, simac and cap take -o pgd_batch=N (N images per UNet pass, same result); "
+            err.print("hint: aspl, fsmg, simac and cap take -o pgd_batch=N (N images per UNet pass, "
+                      "the same step up to rounding); "
                       "metacloak and dladiff put the whole set in one batch: protect fewer images per run; or lower "
                       "--resolution, or use --dtype bf16. `cloak methods show NAME` lists batch_size / "
                       "gradient_checkpointing where a method has them", soft_wrap=True)
