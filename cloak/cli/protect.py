@@ -18,6 +18,9 @@ photos of the same person: pass it with --ref.
 
 [bold]Budget units[/bold]: m11 = [-1,1] pixel space (Anti-DreamBooth's 0.05), 01 = [0,1] space,
 255 = 8-bit levels. 0.05 m11 = 6.4/255.
+
+Mid-run snapshots (-o save_every=N: aspl, simac, fsmg, cap) go to OUTPUT/.steps/, a hidden folder the
+other verbs skip when they read OUTPUT. Large sets: -o pgd_batch=N bounds the PGD step's memory.
 """
 
 EPILOG = """Examples:
