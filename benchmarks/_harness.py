@@ -88,3 +88,20 @@ def run_context(models, model_id: str, device, generator, resolution: int, cache
 
     return RunContext(models=models, model=model_id, device=device, dtype=torch.float32, seed=0, generator=generator,
                       resolution=resolution, cache_dir=Path(cache), progress=progress, extras={})
+
+
+def random_protect_run(model_id: str, n_images: int, cache: str, device, progress):
+    """(images, context) for running a protect method class directly: a random set at the model's native
+    resolution (read from its configs, so no weights load here) and the context a verb would build. On CUDA
+    the peak-memory counter starts here."""
+    import torch
+
+    from cloak.models.handle import Models
+
+    models = Models(cache_dir=Path(cache), device=device)
+    resolution = native_resolution(models.resolve(model_id, "probe")[1])
+    generator = torch.Generator().manual_seed(0)
+    images = random_image_set(n_images, resolution, generator)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    return images, run_context(models, model_id, device, generator, resolution, cache, progress)

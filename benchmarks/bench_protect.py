@@ -40,9 +40,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from _harness import (  # noqa: E402
-    DEFAULT_CACHE, native_resolution, peak_mib, random_image_set, rss_mib, run_child, run_context,
-)
+from _harness import DEFAULT_CACHE, peak_mib, random_protect_run, rss_mib, run_child  # noqa: E402
 
 CLASS = {"class_images": 2, "class_image_steps": 2}  # 1 instance + 1 class image per DB step, cheap to make
 METHODS = {  # name → (registry name, options, outer bar, other bars worth reporting)
@@ -105,7 +103,6 @@ def run_method(model_id: str, name: str, n_images: int, cache: str) -> dict:
     import transformers  # noqa: F401
 
     from cloak.methods import build_options
-    from cloak.models.handle import Models
     from cloak.protect import PROTECT
 
     imports_mb = rss_mib()
@@ -114,15 +111,11 @@ def run_method(model_id: str, name: str, n_images: int, cache: str) -> dict:
     extra = {k: (v.format(m=model_id) if isinstance(v, str) else v) for k, v in extra.items()}
     cls = PROTECT.get(method_name)
     opts, _ = build_options(cls.Options, [("bench", {**CLASS, **extra})], method_name)
-    models = Models(cache_dir=Path(cache), device=device)
-    res = native_resolution(models.resolve(model_id, "probe")[1])
-    gen = torch.Generator().manual_seed(0)
-    images = random_image_set(n_images, res, gen)
     clock = _Clock()
     if device.type == "cuda":
         clock.sync = torch.cuda.synchronize
-        torch.cuda.reset_peak_memory_stats()
-    ctx = run_context(models, model_id, device, gen, res, cache, clock)
+    images, ctx = random_protect_run(model_id, n_images, cache, device, clock)
+    res = ctx.resolution
     method = cls(opts, ctx)
     start = time.perf_counter()
     method(images)

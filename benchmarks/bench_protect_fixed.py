@@ -32,9 +32,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from _harness import (  # noqa: E402
-    DEFAULT_CACHE, native_resolution, peak_mib, random_image_set, rss_mib, run_child, run_context,
-)
+from _harness import DEFAULT_CACHE, peak_mib, random_protect_run, rss_mib, run_child  # noqa: E402
 
 METHODS = {  # name → (registry name, extra options)
     "advdm": ("advdm", {}),
@@ -76,7 +74,6 @@ def run_variant(model_id: str, name: str, variant: str, n_images: int, steps: in
     import transformers  # noqa: F401
 
     from cloak.methods import build_options
-    from cloak.models.handle import Models
     from cloak.protect import PROTECT
 
     # Peak RSS after the imports: the interpreter + torch + diffusers, before any weights (CPU figure).
@@ -86,15 +83,11 @@ def run_variant(model_id: str, name: str, variant: str, n_images: int, steps: in
     cls = PROTECT.get(method_name)
     batch = n_images if variant == "batched" else 1
     opts, _ = build_options(cls.Options, [("bench", {**extra, "steps": steps, "batch_size": batch})], method_name)
-    models = Models(cache_dir=Path(cache), device=device)
-    res = native_resolution(models.resolve(model_id, "probe")[1])  # photoguard/mist textural load no UNet
-    gen = torch.Generator().manual_seed(0)
-    images = random_image_set(n_images, res, gen)
     clock = _Clock()
     if device.type == "cuda":
         clock.sync = torch.cuda.synchronize
-        torch.cuda.reset_peak_memory_stats()
-    ctx = run_context(models, model_id, device, gen, res, cache, clock)
+    images, ctx = random_protect_run(model_id, n_images, cache, device, clock)  # loads no weights
+    res = ctx.resolution
     start = time.perf_counter()
     cls(opts, ctx)(images)
     total = time.perf_counter() - start
