@@ -54,7 +54,9 @@ def list_images(root: Path, recursive: bool = True) -> list[Path]:
 
 
 STDIN = "-"
-_stdin_listing: dict[int, tuple[list[Path], Path]] = {}  # id(sys.stdin) → what it listed
+# (the stdin object, what it listed): the object itself is kept so that a later stream cannot pass for it
+# (an id() can be reused once an object is freed).
+_stdin_listing: tuple[object, list[Path], Path] | None = None
 
 
 def input_files(root: Path | str) -> tuple[list[Path], Path]:
@@ -67,8 +69,13 @@ def input_files(root: Path | str) -> tuple[list[Path], Path]:
     """
     if str(root) == STDIN:
         return _files_from_stdin()
+    return list_images(Path(root)), names_base(root)
+
+
+def names_base(root: Path | str) -> Path:
+    """The folder output names are relative to: the input folder itself, or a single file's folder."""
     root = Path(root)
-    return list_images(root), (root if root.is_dir() else root.parent)
+    return root if root.is_dir() else root.parent
 
 
 def _files_from_stdin() -> tuple[list[Path], Path]:
@@ -76,8 +83,9 @@ def _files_from_stdin() -> tuple[list[Path], Path]:
 
     from cloak.errors import UsageError
 
-    if id(sys.stdin) in _stdin_listing:
-        return _stdin_listing[id(sys.stdin)]
+    global _stdin_listing
+    if _stdin_listing is not None and _stdin_listing[0] is sys.stdin:
+        return _stdin_listing[1], _stdin_listing[2]
     if sys.stdin is None or sys.stdin.isatty():
         raise UsageError("INPUT is '-' (one path per line on standard input) but standard input is a terminal",
                          hint="pipe the paths in, e.g. find photos/ -name '*.jpg' | cloak ... - OUTPUT")
@@ -97,7 +105,7 @@ def _files_from_stdin() -> tuple[list[Path], Path]:
     if not files:
         raise InputError("no image paths on standard input")
     base = Path(os.path.commonpath([f.parent for f in files]))
-    _stdin_listing[id(sys.stdin)] = (files, base)
+    _stdin_listing = (sys.stdin, files, base)
     return files, base
 
 
@@ -194,12 +202,8 @@ def read_images(
     """
     import torch
 
-    if paths is not None:
-        root = Path(root)
-        files, base = paths, (root if root.is_dir() else root.parent)
-    else:
-        files, base = input_files(root)
-        root = Path(root)
+    files, base = (paths, names_base(root)) if paths is not None else input_files(root)
+    root = Path(root)
     if not files:
         raise InputError(f"no images found in {root} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
     items, tensors, failures = [], [], []
