@@ -54,15 +54,19 @@ class Common:
     on_item: Callable[[dict], None] | None = None  # --jsonl
 
 
+def _mps_available() -> bool:
+    import torch
+
+    return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+
+
 def _pick_device(requested: str) -> str:
     import torch
 
     if requested == "auto":
         if torch.cuda.is_available():
             return "cuda"
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return "mps"
-        return "cpu"
+        return "mps" if _mps_available() else "cpu"
     import re
 
     if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", requested):
@@ -73,7 +77,7 @@ def _pick_device(requested: str) -> str:
         index = int(requested.partition(":")[2] or 0)
         if index >= torch.cuda.device_count():
             raise UsageError(f"--device {requested}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if requested == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+    if requested == "mps" and not _mps_available():
         raise UsageError("--device mps requested but MPS is not available", hint="use --device cpu")
     return requested
 

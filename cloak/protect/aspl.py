@@ -19,7 +19,6 @@ MetaCloak subclass this class) and by plug-ins (CAP overrides ``update``).
 from __future__ import annotations
 
 import dataclasses
-
 import hashlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -55,6 +54,13 @@ def pgd_batch_field():
     """``pgd_batch`` of the methods whose PGD step goes through ``Aspl.loss_and_grad`` (ASPL, FSMG, SimAC)."""
     return Field(0, ge=0, description="images per UNet pass in a PGD step (0 = the whole set at once, as released); "
                                       "smaller bounds memory with the same draws and the same step")
+
+
+def save_every_field():
+    """``save_every`` of the methods that hand mid-run sets to ``ctx.snapshot`` (ASPL, SimAC, FSMG)."""
+    return Field(0, ge=0, description="also write the set after every N iterations (FSMG: PGD steps) to "
+                                      "OUTPUT/.steps/; released code: ASPL every 10 iterations, FSMG every 20 "
+                                      "steps; 0 = off")
 
 
 class TargetOptions(MethodOptions):
@@ -120,9 +126,7 @@ class Aspl(ProtectMethod):
         surrogate_steps: int = Field(3, ge=0, description="DreamBooth steps per surrogate update (n)")
         pgd_steps: int = Field(6, ge=0, description="PGD steps per iteration (K)")
         pgd_batch: int = pgd_batch_field()
-        save_every: int = Field(0, ge=0, description="also write the set after every N iterations (FSMG: PGD "
-                                                     "steps) to OUTPUT/.steps/; released code: ASPL every 10 "
-                                                     "iterations, FSMG every 20 steps; 0 = off")
+        save_every: int = save_every_field()
         persistent_cycling: bool = Field(
             False, description="continue the image index across surrogate calls (released code restarts at 0, "
                                "so only images 0..n-1 are ever used) [PROP option]")

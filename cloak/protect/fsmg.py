@@ -14,7 +14,7 @@ from pydantic import Field
 
 from cloak.diffusion.surrogate import cached_dreambooth
 from cloak.io.images import ImageSet
-from cloak.protect.aspl import Aspl, SurrogateOptions, TargetOptions, pgd_batch_field
+from cloak.protect.aspl import Aspl, SurrogateOptions, TargetOptions, pgd_batch_field, save_every_field
 from cloak.protect.base import ProtectResult
 
 
@@ -28,9 +28,7 @@ class Fsmg(Aspl):
     class Options(TargetOptions, SurrogateOptions):
         steps: int = Field(100, ge=0, description="PGD steps (max_train_steps)")
         pgd_batch: int = pgd_batch_field()
-        save_every: int = Field(0, ge=0, description="also write the set after every N iterations (FSMG: PGD "
-                                                     "steps) to OUTPUT/.steps/; released code: ASPL every 10 "
-                                                     "iterations, FSMG every 20 steps; 0 = off")
+        save_every: int = save_every_field()
         surrogate_steps: int = Field(1000, ge=0, description="DreamBooth steps of the surrogate on the clean set")
         surrogate_batch_size: int = Field(2, ge=1, description="instance images per surrogate step "
                                                                "(as many class images join)")

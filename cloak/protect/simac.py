@@ -22,7 +22,7 @@ from pydantic import Field
 from cloak.adversarial import pgd_step
 from cloak.diffusion import Draw, LatentCache, denoising_loss, encode_latents, encode_prompts, sample_noise
 from cloak.diffusion.dreambooth import autocast_for
-from cloak.protect.aspl import Aspl, SurrogateOptions, pgd_batch_field
+from cloak.protect.aspl import Aspl, SurrogateOptions, pgd_batch_field, save_every_field
 
 
 class FeatureTap:
@@ -67,9 +67,7 @@ class Simac(Aspl):
         surrogate_steps: int = Field(3, ge=0, description="DreamBooth steps per surrogate update (n)")
         pgd_steps: int = Field(6, ge=0, description="PGD steps per iteration (K)")
         pgd_batch: int = pgd_batch_field()
-        save_every: int = Field(0, ge=0, description="also write the set after every N iterations (FSMG: PGD "
-                                                     "steps) to OUTPUT/.steps/; released code: ASPL every 10 "
-                                                     "iterations, FSMG every 20 steps; 0 = off")
+        save_every: int = save_every_field()
         persistent_cycling: bool = Field(False, description="continue the image index across surrogate calls "
                                                             "(released code restarts at 0) [PROP option]")
         select_rounds: int = Field(50, ge=0, description="greedy timestep-selection rounds at most (max_steps)")
