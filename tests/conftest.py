@@ -72,6 +72,11 @@ def write_images(folder: Path, n: int = 3, size: tuple[int, int] = (64, 64), see
     return folder
 
 
+def pngs(folder: Path) -> dict[str, np.ndarray]:
+    """The PNGs directly in ``folder`` by file name, RGB, as int16 so differences do not wrap."""
+    return {p.name: np.asarray(Image.open(p).convert("RGB")).astype(np.int16) for p in sorted(folder.glob("*.png"))}
+
+
 @pytest.fixture
 def image_dir(tmp_path) -> Path:
     return write_images(tmp_path / "images")

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, run_cli, write_images
+from conftest import TINY, pngs, run_cli, write_images
 from PIL import Image
 
 from cloak.adversarial.eot import (
@@ -460,13 +460,9 @@ def test_save_every_writes_the_set_mid_run(tmp_path, method, opts, labels):
     for name in files:
         assert (steps / labels[-1] / name).read_bytes() == (tmp_path / "out" / name).read_bytes()
     eps_levels = int(rep.summary["budget"]["eps_m11"] * 127.5 + 1e-6)
-    first = pngs_in(steps / labels[0])
-    for name, arr in pngs_in(images).items():
+    first = pngs(steps / labels[0])
+    for name, arr in pngs(images).items():
         assert np.abs(first[name].astype(int) - arr.astype(int)).max() <= eps_levels
-
-
-def pngs_in(folder: Path) -> dict[str, np.ndarray]:
-    return {p.name: np.asarray(Image.open(p).convert("RGB")) for p in sorted(folder.iterdir()) if p.suffix == ".png"}
 
 
 @pytest.mark.parametrize("method, opts", [
@@ -486,7 +482,7 @@ def test_pgd_batch_gives_the_whole_set_step_in_chunks(tmp_path, method, opts):
         options = {"class_images": "0", "pgd_batch": str(batch), **{k: str(v) for k, v in opts.items()}}
         rep = run_protect(images, tmp_path / f"out{batch}", common=Common(method=method, tiny=True, argv=[],
                                                                          options=options))
-        outputs[batch] = pngs_in(tmp_path / f"out{batch}")
+        outputs[batch] = pngs(tmp_path / f"out{batch}")
         assert rep.summary.get("final_pgd_loss") is None or np.isfinite(rep.summary["final_pgd_loss"])
     for name, whole in outputs[0].items():
         diff = np.abs(whole.astype(int) - outputs[2][name].astype(int))

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import write_images
+from conftest import pngs, write_images
 from PIL import Image
 
 METHODS = ["advdm", "photoguard", "mist"]
@@ -33,10 +33,6 @@ def protect(cli, src: Path, out: Path, method: str, *args) -> dict:
     r = cli("protect", "--tiny", "-q", "--json", "--method", method, *args, src, out)
     assert r.exit_code == 0, r.stderr
     return json.loads(r.stdout)
-
-
-def pngs(folder: Path) -> dict[str, np.ndarray]:
-    return {p.name: np.asarray(Image.open(p).convert("RGB")).astype(np.int16) for p in sorted(folder.glob("*.png"))}
 
 
 def as_m11(folder: Path) -> torch.Tensor:
