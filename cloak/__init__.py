@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 
 def protect(input_dir, output_dir, **kwargs):
     """Perturb the images of ``input_dir`` into ``output_dir`` (see ``cloak protect --help``)."""
-    from cloak.api import run_protect
+    from cloak.protect.run import run_protect
 
     return run_protect(input_dir, output_dir, **kwargs)
 
@@ -26,14 +26,14 @@ def immunize(input_dir, output_dir, **kwargs):
 
 def purify(input_dir, output_dir, **kwargs):
     """Purify (possibly protected) images (see ``cloak purify --help``)."""
-    from cloak.api import run_purify
+    from cloak.purify.run import run_purify
 
     return run_purify(input_dir, output_dir, **kwargs)
 
 
 def attack(input_dir, output_dir, **kwargs):
     """Personalize a model on ``input_dir`` and generate images (see ``cloak attack --help``)."""
-    from cloak.api import run_attack
+    from cloak.attack.run import run_attack
 
     return run_attack(input_dir, output_dir, **kwargs)
 
@@ -43,3 +43,24 @@ def score(generated_dir, **kwargs):
     from cloak.api import run_score
 
     return run_score(generated_dir, **kwargs)
+
+
+# The verbs' functions share their names with the subpackages that hold each verb's methods
+# (``cloak.protect`` the function, ``cloak/protect/`` the package). Importing a subpackage sets it as an
+# attribute of this package, which would replace the function after its first call. The package's
+# module class keeps the functions: the subpackages stay reachable through ``sys.modules`` and
+# ``import cloak.protect.aspl`` / ``from cloak.protect import PROTECT`` as usual.
+import sys as _sys
+import types as _types
+
+_API = ("protect", "immunize", "purify", "attack", "score")
+
+
+class _Package(_types.ModuleType):
+    def __setattr__(self, name, value):
+        if name in _API and isinstance(value, _types.ModuleType):
+            return  # a subpackage being bound by the import system: keep the function
+        super().__setattr__(name, value)
+
+
+_sys.modules[__name__].__class__ = _Package

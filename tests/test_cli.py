@@ -339,7 +339,9 @@ def test_out_of_memory_is_one_line_with_a_hint(cli, image_dir, tmp_path, monkeyp
     def oom(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr("cloak.api.run_protect", oom)
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module("cloak.protect.run"), "run_protect", oom)
     r = cli("protect", *ASPL_FAST, image_dir, tmp_path / "out")
     assert r.exit_code == 1 and "out of memory" in r.stderr and "pgd_batch" in r.stderr
     assert "Traceback" not in r.stderr

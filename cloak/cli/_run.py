@@ -11,7 +11,7 @@ from cloak.cli import _output
 def common(*, method=None, model=None, tiny=False, effort=None, resolution=None, seed=None, device=None,
            dtype=None, option=None, force=False, resume=False, keep_going=False, keep_metadata=False, compat=False,
            config=None, cache_dir=None, quiet=False, verbose=0, jsonl=False):
-    from cloak.api import Common
+    from cloak._verb import Common
     from cloak.methods import parse_option_pairs
 
     _output.setup_logging(verbose, quiet)

@@ -70,7 +70,7 @@ def register(app: typer.Typer) -> None:
         resume: O.ResumeOpt = False,
         keep_going: O.KeepGoingOpt = False,
     ) -> None:
-        from cloak.api import run_attack
+        from cloak.attack.run import run_attack
 
         c = common(method=method, model=model, tiny=tiny, effort=effort, resolution=resolution, seed=seed,
                    device=device, dtype=dtype, option=option, force=force, resume=resume, keep_going=keep_going,

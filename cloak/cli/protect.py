@@ -72,7 +72,7 @@ def register(app: typer.Typer) -> None:
         keep_going: O.KeepGoingOpt = False,
         keep_metadata: O.KeepMetadataOpt = False,
     ) -> None:
-        from cloak.api import run_protect
+        from cloak.protect.run import run_protect
 
         c = common(method=method, model=model, tiny=tiny, effort=effort, resolution=resolution, seed=seed,
                    device=device, dtype=dtype, option=option, force=force, resume=resume, keep_going=keep_going,

@@ -72,14 +72,14 @@ def register(app: typer.Typer) -> None:
         verbose: O.VerboseOpt = 0,
         keep_going: O.KeepGoingOpt = False,
     ) -> None:
-        from cloak.api import run_score
         from cloak.errors import CloakError
+        from cloak.score.runner import score_run
 
         metrics = [m.strip() for item in (metric or []) for m in item.split(",") if m.strip()]
         c = common(tiny=tiny, seed=seed, device=device, option=option, keep_going=keep_going, config=config,
                    cache_dir=cache_dir, quiet=quiet, verbose=verbose, jsonl=jsonl)
         try:
-            result = run_score(generated_dir, ref=str(ref) if ref else None, metrics=metrics or None,
+            result = score_run(generated_dir, ref=str(ref) if ref else None, metrics=metrics or None,
                                fail_if=fail_if, report_path=str(report) if report else None,
                                per_subdir=per_subdir, sheet=str(sheet) if sheet else None, common=c)
         except CloakError as exc:

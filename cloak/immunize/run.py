@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from cloak.api import Common, VerbRun, same_dirs
+from cloak._verb import Common, VerbRun, same_dirs
 from cloak.errors import InputError, OutputExistsError, UsageError
 from cloak.io.report import Report, Stopwatch
 

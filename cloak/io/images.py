@@ -119,10 +119,15 @@ class ImageItem:
 
 @dataclass
 class ImageSet:
-    """An ordered set of images as one float tensor B×3×H×W in [-1, 1]."""
+    """An ordered set of working copies, one 3×h×w float tensor in [-1, 1] per image.
+
+    Images may differ in shape (protect keeps each photo's aspect): :meth:`buckets` groups them by
+    shape so a method can batch each group through a model; :attr:`pixels` stacks them into one
+    B×3×H×W tensor and is only defined when every image has the same shape.
+    """
 
     items: list[ImageItem]
-    pixels: torch.Tensor
+    tensors: list[torch.Tensor]
     failures: list[tuple[Path, str]] = field(default_factory=list)
 
     def __len__(self) -> int:
@@ -132,8 +137,39 @@ class ImageSet:
     def names(self) -> list[str]:
         return [item.name for item in self.items]
 
+    @property
+    def uniform(self) -> bool:
+        return len({tuple(t.shape) for t in self.tensors}) <= 1
+
+    @property
+    def pixels(self) -> torch.Tensor:
+        """All images as one B×3×H×W tensor (one shape only; mixed shapes go through :meth:`buckets`)."""
+        import torch
+
+        if not self.uniform:
+            shapes = sorted({tuple(t.shape[-2:]) for t in self.tensors})
+            raise ValueError(f"the set holds images of {len(shapes)} shapes {shapes}; iterate over buckets()")
+        return torch.stack(self.tensors)
+
+    def buckets(self) -> list[Bucket]:
+        """Images grouped by working shape, in order of first appearance; indices into this set."""
+        import torch
+
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, t in enumerate(self.tensors):
+            groups.setdefault(tuple(t.shape), []).append(i)
+        return [Bucket(idx, torch.stack([self.tensors[i] for i in idx])) for idx in groups.values()]
+
     def subset(self, indices: list[int]) -> ImageSet:
-        return ImageSet([self.items[i] for i in indices], self.pixels[indices], [])
+        return ImageSet([self.items[i] for i in indices], [self.tensors[i] for i in indices], [])
+
+
+@dataclass
+class Bucket:
+    """Images of one shape: their indices in the set and their pixels as one B×3×h×w tensor."""
+
+    indices: list[int]
+    pixels: torch.Tensor
 
 
 def load_pil(path: Path) -> Image.Image:
@@ -229,7 +265,7 @@ def read_images(
     shapes = {tuple(t.shape) for t in tensors}
     if len(shapes) > 1:
         raise InputError(f"images in {root} differ in size {sorted(shapes)}; pass --resolution to resize them")
-    return ImageSet(items, torch.stack(tensors), failures)
+    return ImageSet(items, tensors, failures)
 
 
 def output_path(out_dir: Path, name: str) -> Path:

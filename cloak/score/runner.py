@@ -1,4 +1,4 @@
-"""The ``cloak score`` run behind :func:`cloak.api.run_score`: metrics, subjects, gates, contact sheet.
+"""The ``cloak score`` run behind :func:`cloak.score`: metrics, subjects, gates, contact sheet.
 
 One subject: GENERATED against REF. ``per_subdir``: every subdirectory GEN_ROOT/<name>/ (or its
 ``gen/`` folder, as ``cloak attack`` writes it) against REF_ROOT/<name>/, each scored on its own
@@ -111,7 +111,7 @@ def _prompt_means(images: list[ScoreImage], values: dict[str, list]) -> dict[str
 
 def score_run(generated_dir, *, ref: str | None, metrics: list[str] | None, fail_if: list[str] | None,
               report_path: str | None, per_subdir: bool | None, sheet: str | None, common) -> Report:
-    from cloak.api import VerbRun
+    from cloak._verb import VerbRun
     from cloak.score import SCORE
     from cloak.score.gates import parse_gate
 

@@ -1,0 +1,207 @@
+"""One verb invocation's shared set-up: configuration with sources, device, models, context, report.
+
+Every verb's pipeline (``cloak/<verb>/run.py``) builds a :class:`VerbRun` from the flags (:class:`Common`)
+and hands it items as they finish; the report it makes is the verb's ``report.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cloak._progress import Progress
+from cloak.config import Config, cache_dir as resolve_cache_dir, load_config
+from cloak.errors import InputError, OutputExistsError, PartialFailure, UsageError
+from cloak.io.report import ItemRecord, Report, Stopwatch, now_iso, versions
+from cloak.methods import RunContext, build_options
+
+log = logging.getLogger("cloak")
+
+STAND_IN_WARNING = ("stand-in models with random weights were used ({ids}): this run protects nothing and "
+                    "measures nothing; it only exercises the code path")
+DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
+          "fp16": "float16", "float16": "float16"}
+
+
+@dataclass
+class Common:
+    """Flags shared by the image/model verbs, before resolution."""
+
+    method: str | None = None
+    model: str | None = None
+    tiny: bool = False
+    effort: float | None = None
+    resolution: int | None = None
+    seed: int | None = None
+    device: str | None = None
+    dtype: str | None = None
+    options: dict[str, str] = field(default_factory=dict)  # -o key=value
+    force: bool = False
+    resume: bool = False
+    keep_going: bool = False
+    keep_metadata: bool = False  # protect/purify: copy EXIF/ICC/dpi/text from each source (default: strip)
+    compat: bool = False
+    config: str | Config | None = None
+    cache_dir: str | None = None
+    argv: list[str] | None = None
+    progress: Progress | None = None
+    on_item: Callable[[dict], None] | None = None  # --jsonl
+
+
+def _mps_available() -> bool:
+    import torch
+
+    return bool(getattr(torch.backends, "mps", None) and torch.backends.mps.is_available())
+
+
+def _pick_device(requested: str) -> str:
+    import torch
+
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        return "mps" if _mps_available() else "cpu"
+    import re
+
+    if not re.fullmatch(r"cpu|mps|cuda(:\d+)?", requested):
+        raise UsageError(f"unknown --device {requested!r}; valid: auto, cpu, cuda, cuda:N, mps")
+    if requested.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {requested} requested but CUDA is not available", hint="use --device cpu")
+        index = int(requested.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise UsageError(f"--device {requested}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if requested == "mps" and not _mps_available():
+        raise UsageError("--device mps requested but MPS is not available", hint="use --device cpu")
+    return requested
+
+
+class VerbRun:
+    """Shared set-up of one verb invocation: config, models, context, report."""
+
+    def __init__(self, verb: str, registry, common: Common, default_method: str, default_model: str | None):
+        self.verb = verb
+        self.common = common
+        self.clock = Stopwatch()
+        self.started = now_iso()
+        self.cfg = common.config if isinstance(common.config, Config) else load_config(common.config)
+        self.params: dict[str, dict[str, Any]] = {}
+        self.method_name = self.value("method", common.method, default_method)
+        self.method_cls = registry.get(self.method_name)
+        # A method may name its own base model (PhotoGuard: sd15, Mist: sd14); the verb's default otherwise.
+        method_model = getattr(self.method_cls, "default_model", None)
+        self.model = self.value("model", common.model, method_model or default_model)
+        self.effort = float(self.value("effort", common.effort, 1.0))
+        if not self.effort > 0:
+            raise UsageError(f"--effort must be > 0, got {self.effort}")
+        self.seed = int(self.value("seed", common.seed, 0))
+        self.device_name = str(self.value("device", common.device, "auto"))
+        dtype_name = str(self.value("dtype", common.dtype, "fp32"))
+        if dtype_name not in DTYPES:
+            raise UsageError(f"unknown --dtype {dtype_name!r}; valid: fp32, bf16, fp16")
+        self.dtype_name = DTYPES[dtype_name]
+        self.resolution_flag = self.value("resolution", common.resolution, None)
+        if self.resolution_flag is not None and (isinstance(self.resolution_flag, bool) or
+                                                 not isinstance(self.resolution_flag, int) or self.resolution_flag < 1):
+            raise UsageError(f"--resolution must be a positive number of pixels, got {self.resolution_flag!r}")
+        self.cache = resolve_cache_dir(common.cache_dir or self.cfg.defaults.get("cache_dir"))
+        self.warnings: list[str] = []
+        self.items: list[ItemRecord] = []
+
+    def value(self, key: str, flag: Any, default: Any) -> Any:
+        resolved = self.cfg.resolve(self.verb, key, flag, default)
+        self.params[key] = resolved.as_dict()
+        return resolved.value
+
+    def flag(self, key: str, flag: bool) -> bool:
+        """A boolean switch: on from the command line, or from cloak.toml (``keep_metadata = true``)."""
+        value = self.value(key, True if flag else None, False)
+        if not isinstance(value, bool):
+            raise UsageError(f"{key} in cloak.toml must be true or false, got {value!r}")
+        return value
+
+    def options(self, extra_layers: list[tuple[str, dict]] | None = None):
+        layers = [("config", self.cfg.method(self.verb, self.method_name))]
+        layers += extra_layers or []
+        layers.append(("-o", self.common.options))
+        return build_options(self.method_cls.Options, layers, self.method_name)
+
+    def context(self, *, resolution: int | None = None, ref=None, extras: dict | None = None) -> RunContext:
+        import torch
+
+        from cloak.models.handle import Models
+
+        device = torch.device(_pick_device(self.device_name))
+        dtype = getattr(torch, self.dtype_name)
+        self.models = Models(cache_dir=self.cache, device=device, dtype=dtype, tiny=self.common.tiny,
+                             overrides=self.cfg.models)
+        generator = torch.Generator("cpu").manual_seed(self.seed)
+        return RunContext(models=self.models, model=self.model, device=device, dtype=dtype, seed=self.seed,
+                          generator=generator, resolution=resolution or 0, cache_dir=self.cache,
+                          progress=self.common.progress or Progress(), effort=self.effort,
+                          compat=self.common.compat, ref=ref, extras=extras or {}, warnings=self.warnings)
+
+    def model_resolution(self) -> int:
+        """--resolution, or the model's native size (512 for SD, 64 for tiny-sd) read from its config."""
+        if self.resolution_flag:
+            res = int(self.resolution_flag)
+            if res < 8 or res % 8:
+                raise UsageError(f"--resolution must be a positive multiple of 8, got {res}")
+            return res
+        return self.models.sd(self.model).resolution
+
+    def add_item(self, record: dict) -> None:
+        item = ItemRecord(**record)
+        self.items.append(item)
+        if self.common.on_item:
+            self.common.on_item(item.model_dump(mode="json", exclude_none=True))
+
+    def report(self, opts_record: dict, summary: dict, method_info: dict | None = None, models=None) -> Report:
+        import torch
+
+        records = models if models is not None else (self.models.records() if hasattr(self, "models") else [])
+        stand_ins = sorted({r.id for r in records if r.stand_in})
+        if stand_ins:
+            self.warnings.insert(0, STAND_IN_WARNING.format(ids=", ".join(stand_ins)))
+        counts = {s: sum(1 for i in self.items if i.status == s) for s in ("ok", "failed", "skipped")}
+        return Report(
+            verb=self.verb, method=self.method_name, method_info=method_info or self.method_cls.info(),
+            argv=self.common.argv if self.common.argv is not None else sys.argv, options=opts_record,
+            params=self.params, models=records, seed=self.seed,
+            device=str(self.models.device) if hasattr(self, "models") else None,
+            dtype=self.dtype_name, versions=versions() | {"torch": torch.__version__}, started=self.started,
+            seconds=self.clock.seconds(), warnings=self.warnings, items=self.items,
+            summary={**counts, "stand_in": bool(stand_ins), **summary},
+        )
+
+    def finish(self, report: Report, out_dir: Path) -> Report:
+        report.write(out_dir)
+        failed = sum(1 for i in self.items if i.status == "failed")
+        if failed:
+            exc = PartialFailure(f"{failed} of {len(self.items)} items failed; see {out_dir / 'report.json'}")
+            exc.report = report
+            raise exc
+        return report
+
+
+def check_output_dir(out_dir: Path, names: list[str], *, force: bool, resume: bool, suffix: str = ".png") -> list[str]:
+    """Fail before any work if outputs would be overwritten; return the names already done."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"output {out_dir} exists and is not a directory")
+    done = [n for n in names if (out_dir / f"{n}{suffix}").is_file()]
+    if done and not (force or resume):
+        raise OutputExistsError(f"{len(done)} output(s) already exist in {out_dir} (e.g. {done[0]}{suffix})",
+                                hint="pass --force to overwrite or --resume to skip finished items")
+    return done if resume and not force else []
+
+
+def same_dirs(a: Path, b: Path) -> bool:
+    try:
+        return Path(a).resolve() == Path(b).resolve()
+    except OSError:
+        return False
