@@ -16,6 +16,7 @@ from typing import Any
 from cloak._progress import Progress
 from cloak.config import Config, cache_dir as resolve_cache_dir, load_config
 from cloak.errors import InputError, OutputExistsError, PartialFailure, UsageError
+from cloak.io.output import claim_output
 from cloak.io.report import ItemRecord, Report, Stopwatch, now_iso, versions
 from cloak.methods import RunContext, build_options
 
@@ -83,7 +84,10 @@ def _pick_device(requested: str) -> str:
 class VerbRun:
     """Shared set-up of one verb invocation: config, models, context, report."""
 
-    def __init__(self, verb: str, registry, common: Common, default_method: str, default_model: str | None):
+    def __init__(self, verb: str, registry, common: Common, default_method: str, default_model: str | None,
+                 output: Path | str | None = None):
+        """``output``: the folder this run writes; it is claimed (locked, probed, tidied) before any model
+        loads and released by :meth:`finish` (cloak.io.output)."""
         self.verb = verb
         self.common = common
         self.clock = Stopwatch()
@@ -111,6 +115,7 @@ class VerbRun:
         self.cache = resolve_cache_dir(common.cache_dir or self.cfg.defaults.get("cache_dir"))
         self.warnings: list[str] = []
         self.items: list[ItemRecord] = []
+        self.claim = claim_output(output) if output is not None else None
 
     def value(self, key: str, flag: Any, default: Any) -> Any:
         resolved = self.cfg.resolve(self.verb, key, flag, default)
@@ -178,8 +183,16 @@ class VerbRun:
             summary={**counts, "stand_in": bool(stand_ins), **summary},
         )
 
+    def release(self) -> None:
+        """Let go of the output folder (also done when the run object is collected after an error)."""
+        if self.claim is not None:
+            self.claim.release()
+
     def finish(self, report: Report, out_dir: Path) -> Report:
-        report.write(out_dir)
+        try:
+            report.write(out_dir)
+        finally:
+            self.release()
         failed = sum(1 for i in self.items if i.status == "failed")
         if failed:
             exc = PartialFailure(f"{failed} of {len(self.items)} items failed; see {out_dir / 'report.json'}")

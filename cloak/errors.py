@@ -32,6 +32,13 @@ class InputError(CloakError):
     exit_code = 3
 
 
+class OutputError(CloakError):
+    """An output file or folder cannot be created or written: read-only, no permission, disk full (exit 3,
+    like an unreadable input: the path given is unusable)."""
+
+    exit_code = 3
+
+
 class OutputExistsError(UsageError):
     """The output would overwrite something without ``--force`` (exit 2)."""
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -312,32 +311,22 @@ def source_metadata(path: Path) -> dict:
 def write_png(path: Path, pixels, *, force: bool = False, metadata: dict | None = None) -> Path:
     """Write one image (a [-1,1] 3×H×W tensor or a uint8 H×W×3 array) atomically.
 
-    Metadata-free unless ``metadata`` (from :func:`source_metadata`) is given.
+    Metadata-free unless ``metadata`` (from :func:`source_metadata`) is given. The file gets the umask's
+    permissions; a full or read-only disk is :class:`~cloak.errors.OutputError` (exit 3) naming the path,
+    and no partial file is left (cloak.io.output.write_atomic).
     """
+    from cloak.io.output import write_atomic
+
     path = Path(path)
     if path.exists() and not force:
         raise OutputExistsError(f"{path} exists", hint="pass --force to overwrite, or --resume to skip finished items")
     arr = pixels if isinstance(pixels, np.ndarray) else to_uint8(pixels)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png.tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            # A fresh Image carries no EXIF/GPS/text chunks: metadata is stripped by construction.
-            Image.fromarray(np.ascontiguousarray(arr), "RGB").save(fh, format="PNG", **(metadata or {}))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    # A fresh Image carries no EXIF/GPS/text chunks: metadata is stripped by construction.
+    image = Image.fromarray(np.ascontiguousarray(arr), "RGB")
+    return write_atomic(path, lambda fh: image.save(fh, format="PNG", **(metadata or {})))
 
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from cloak.io.output import write_atomic
+
+    write_atomic(Path(path), lambda fh: fh.write(data))

@@ -14,13 +14,15 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
-import tempfile
+import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
 from cloak.errors import CloakError, ModelUnavailableError, UsageError
+from cloak.io.output import apply_umask, publish_dir, staging_dir
 from cloak.models.catalog import _EXTRA, CATALOG, ModelSpec, get_spec, register_builder  # noqa: F401 (re-export)
 from cloak.registry import suggest
 
@@ -96,26 +98,51 @@ def _builder(model_id: str) -> Callable[[Path], object]:
 
 
 def ensure_builtin(cache: Path, model_id: str) -> Path:
-    """Build a built-in model into the cache on first use (atomically) and return its directory."""
+    """Build a built-in model into the cache on first use (atomically) and return its directory.
+
+    Builders of one id take turns on ``models/.<id>.lock``: the second process waits for the first build
+    and then uses it, rather than racing it (renaming onto its folder, or deleting it as "interrupted"
+    while it is being read). Staging folders of killed builds are removed first.
+    """
+    from cloak.io.output import file_lock
+
     target = model_dir(cache, model_id)
     if is_complete(target):
         return target
     build = _builder(model_id)
-    log.info("building built-in model %s into %s", model_id, target)
+    started = time.time()
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{model_id}.", dir=target.parent))
-    try:
-        inner = staging / "m"
-        build(inner)
-        (inner / COMPLETE).write_text("built-in\n")
-        if is_complete(target):
+    with file_lock(target.parent / f".{model_id}.lock"):
+        if is_complete(target):  # built by another process while this one waited
             return target
-        if target.exists():  # an interrupted earlier build
-            shutil.rmtree(target)
-        inner.rename(target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        _remove_stale_staging(target.parent, model_id, started)
+        log.info("building built-in model %s into %s", model_id, target)
+        staging = staging_dir(target.parent, model_id)
+        try:
+            inner = staging / "m"
+            build(inner)
+            (inner / COMPLETE).write_text("built-in\n")
+            apply_umask(inner)
+            if target.exists() and not is_complete(target):  # an interrupted build of an older version
+                shutil.rmtree(target)
+            publish_dir(inner, target, is_complete)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def _remove_stale_staging(models: Path, model_id: str, started: float) -> None:
+    """Staging folders of builds of ``model_id`` that were killed: their pid is gone, or (older versions'
+    ``.<id>.XXXXXXXX`` without a pid) they are older than this build."""
+    from cloak.io.output import remove_stale
+
+    legacy = re.compile(r"^\.%s\.[a-z0-9_]{8}$" % re.escape(model_id))
+    prefix = f".{model_id}."
+    entries = [p for p in models.iterdir() if p.name.startswith(prefix) and p.is_dir()]
+    remove_stale(iter(entries), started)
+    for path in entries:
+        if legacy.match(path.name) and path.stat().st_mtime < started:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def resolve_path(cache: Path, model_id: str, overrides: dict[str, str] | None = None) -> Path:

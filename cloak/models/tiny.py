@@ -87,6 +87,7 @@ def build_pipeline_dir(shape_name: str, target: Path, *, prediction_type: str = 
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+    from cloak.io.output import apply_umask, publish_dir, staging_dir
     from cloak.models.handle import quiet_libraries
 
     quiet_libraries()
@@ -146,8 +147,7 @@ def build_pipeline_dir(shape_name: str, target: Path, *, prediction_type: str = 
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    staging = staging_dir(target.parent, target.name)  # umask permissions, pid in the name
     try:
         pipe.save_pretrained(staging, safe_serialization=True)
         # The real SD scheduler configs carry clip_sample=false although PNDM ignores it; DDIM/DDPM loaded
@@ -159,10 +159,9 @@ def build_pipeline_dir(shape_name: str, target: Path, *, prediction_type: str = 
         (staging / "cloak_builtin.json").write_text(
             json.dumps({"shape": shape_name, "seed": TINY_SEED, "prediction_type": prediction_type,
                         "note": "random weights: protects and measures nothing"}), encoding="utf-8")
-        if target.exists():  # another process finished first
-            shutil.rmtree(staging)
-        else:
-            staging.rename(target)
+        apply_umask(staging)  # safetensors writes 0600 files
+        # Another process may have finished first: its folder is used, never replaced or deleted.
+        publish_dir(staging, target, lambda t: (t / "cloak_builtin.json").is_file())
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
