@@ -16,6 +16,7 @@ from typing import Any
 from cloak._progress import Progress
 from cloak.config import Config, cache_dir as resolve_cache_dir, load_config
 from cloak.errors import InputError, OutputExistsError, PartialFailure, UsageError
+from cloak.io.images import input_files
 from cloak.io.output import claim_output
 from cloak.io.report import ItemRecord, Report, Stopwatch, now_iso, versions
 from cloak.methods import RunContext, build_options
@@ -85,9 +86,11 @@ class VerbRun:
     """Shared set-up of one verb invocation: config, models, context, report."""
 
     def __init__(self, verb: str, registry, common: Common, default_method: str, default_model: str | None,
-                 output: Path | str | None = None):
-        """``output``: the folder this run writes; it is claimed (locked, probed, tidied) before any model
-        loads and released by :meth:`finish` (cloak.io.output)."""
+                 output: Path | str | None = None, inputs: Path | str | None = None):
+        """``inputs``: the image folder (or ``-``) read, listed first so that a missing folder or two
+        inputs with one output name stop the run before anything else. ``output``: the folder this run
+        writes; it is claimed (locked, probed, tidied) before any model loads and released by
+        :meth:`finish` (cloak.io.output)."""
         self.verb = verb
         self.common = common
         self.clock = Stopwatch()
@@ -115,6 +118,8 @@ class VerbRun:
         self.cache = resolve_cache_dir(common.cache_dir or self.cfg.defaults.get("cache_dir"))
         self.warnings: list[str] = []
         self.items: list[ItemRecord] = []
+        if inputs is not None:
+            input_files(inputs)
         self.claim = claim_output(output) if output is not None else None
 
     def value(self, key: str, flag: Any, default: Any) -> Any:

@@ -55,7 +55,7 @@ def run_attack(input_dir, output_dir, *, ref: str | None = None, prompts: list[s
     if same_dirs(input_dir, output_dir):
         raise UsageError("input and output directories are the same; inputs are never modified")
     run = VerbRun("attack", ATTACK, common, default_method="dreambooth", default_model="sd21-base",
-                  output=output_dir)
+                  output=output_dir, inputs=input_dir)
     flags: dict[str, Any] = {k: v for k, v in dict(prompts=prompts, num_images=num_images, sample_steps=sample_steps,
                                                    guidance=guidance, negative_prompt=negative_prompt,
                                                    sampler=sampler).items() if v is not None}

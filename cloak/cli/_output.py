@@ -62,5 +62,11 @@ def summarize(report) -> None:
         parts.append(f"skipped {s['skipped']}")
     parts.append(f"{report.seconds:.1f}s")
     err.print(" · ".join(parts))
+    for item in report.items:  # each failure by name (--keep-going), not only a count
+        if item.status == "failed":
+            what = item.input or item.output or "?"
+            reason = (item.error or "unknown error").splitlines()[0]
+            err.print(f"failed: {reason}" if what in reason else f"failed: {what}: {reason}", markup=False,
+                      soft_wrap=True)
     for w in report.warnings:
         err.print(f"[yellow]warning:[/yellow] {w}")

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from cloak.errors import InputError, OutputExistsError
+from cloak.errors import InputError, OutputExistsError, UsageError
 
 if TYPE_CHECKING:
     import torch
@@ -66,9 +66,27 @@ def input_files(root: Path | str) -> tuple[list[Path], Path]:
     output names keep each file's path below the listed files' common folder, so two ``img.jpg`` from
     different folders stay apart. Standard input is read once per process; later calls get the same list.
     """
-    if str(root) == STDIN:
-        return _files_from_stdin()
-    return list_images(Path(root)), names_base(root)
+    files, base = _files_from_stdin() if str(root) == STDIN else (list_images(Path(root)), names_base(root))
+    refuse_same_output_name(files, base)
+    return files, base
+
+
+def output_name(path: Path, base: Path) -> str:
+    """The name an input's output gets: its path below ``base`` without the suffix (``a/b.jpg`` → ``a/b``)."""
+    rel = path.relative_to(base) if path.is_relative_to(base) else Path(path.name)
+    return str(rel.with_suffix(""))
+
+
+def refuse_same_output_name(files: list[Path], base: Path) -> None:
+    """Two inputs that differ only in suffix (``a.png``, ``a.jpg``) would be written as one ``a.png``:
+    a usage error naming both, before any work, rather than one silently replacing the other."""
+    seen: dict[str, Path] = {}
+    for path in files:
+        name = output_name(path, base)
+        if name in seen:
+            raise UsageError(f"inputs {seen[name]} and {path} would both be written as {name}.png",
+                             hint="rename or move one of them (outputs keep each input's name, as PNG)")
+        seen[name] = path
 
 
 def names_base(root: Path | str) -> Path:
@@ -79,8 +97,6 @@ def names_base(root: Path | str) -> Path:
 
 def _files_from_stdin() -> tuple[list[Path], Path]:
     import sys
-
-    from cloak.errors import UsageError
 
     global _stdin_listing
     if _stdin_listing is not None and _stdin_listing[0] is sys.stdin:
@@ -172,18 +188,43 @@ class Bucket:
 
 
 def load_pil(path: Path) -> Image.Image:
-    """Open one image, apply EXIF orientation, convert to RGB (alpha composited on white)."""
+    """Open one image, apply EXIF orientation, convert to RGB (alpha composited on white).
+
+    High-bit-depth greyscale (16-bit PNG/TIFF: modes I;16*, I; float TIFF: F) is scaled to 8 bits, not
+    clipped at 255 as Pillow's own conversion does; 16-bit RGB(A) is scaled by Pillow itself. An animated
+    image gives its first frame.
+    """
     try:
         with Image.open(path) as img:
             img.load()
+            source_format = img.format
             img = ImageOps.exif_transpose(img)
-            if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+            img = _scale_to_8bit(img, source_format)
+            if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info):
                 rgba = img.convert("RGBA")
                 background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
                 img = Image.alpha_composite(background, rgba)
             return img.convert("RGB")
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
         raise InputError(f"cannot read image {path}: {exc}") from None
+
+
+def _scale_to_8bit(img: Image.Image, source_format: str | None) -> Image.Image:
+    """Single-channel images of more than 8 bits as 8-bit greyscale (``L``), scaled over their bit depth."""
+    mode = img.mode
+    if not (mode.startswith("I;16") or mode in ("I", "F")):
+        return img
+    arr = np.nan_to_num(np.asarray(img).astype(np.float64))
+    peak = float(arr.max()) if arr.size else 0.0
+    if mode == "F":  # float TIFF: [0, 1] when it fits there, 8-bit values otherwise
+        scale = 255.0 if peak <= 1.0 else 1.0
+    elif mode.startswith("I;16") or source_format == "PNG" or 255 < peak <= 65535:
+        scale = 255.0 / 65535.0  # 16 bits (a PNG's "I" can only be 16-bit greyscale)
+    elif peak > 65535:
+        scale = 255.0 / (2**31 - 1)  # 32-bit integer samples
+    else:
+        scale = 1.0  # 32-bit container holding 8-bit values
+    return Image.fromarray(np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8), "L")
 
 
 def fit(img: Image.Image, resolution: int) -> Image.Image:

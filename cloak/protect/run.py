@@ -26,7 +26,7 @@ def run_protect(input_dir, output_dir, *, ref: str | None = None, eps: float | N
     if same_dirs(input_dir, output_dir):
         raise UsageError("input and output directories are the same; inputs are never modified")
     run = VerbRun("protect", PROTECT, common, default_method="aspl", default_model="sd21-base",
-                  output=output_dir)
+                  output=output_dir, inputs=input_dir)
     flag_layer: dict[str, Any] = {}
     fields = run.method_cls.Options.model_fields
     if eps is not None:

@@ -20,7 +20,7 @@ def run_purify(input_dir, output_dir, *, common: Common | None = None, **kwargs)
     if same_dirs(input_dir, output_dir):
         raise UsageError("input and output directories are the same; inputs are never modified")
     run = VerbRun("purify", PURIFY, common, default_method="jpeg", default_model="sd21-base",
-                  output=output_dir)
+                  output=output_dir, inputs=input_dir)
     opts, opts_record = run.options()
     keep_metadata = run.flag("keep_metadata", common.keep_metadata)
     files, base = input_files(input_dir)
