@@ -87,10 +87,10 @@ class VerbRun:
 
     def __init__(self, verb: str, registry, common: Common, default_method: str, default_model: str | None,
                  output: Path | str | None = None, inputs: Path | str | None = None):
-        """``inputs``: the image folder (or ``-``) read, listed first so that a missing folder or two
-        inputs with one output name stop the run before anything else. ``output``: the folder this run
-        writes; it is claimed (locked, probed, tidied) before any model loads and released by
-        :meth:`finish` (cloak.io.output)."""
+        """``output``: the folder this run writes; it is claimed (locked, probed, tidied) before any model
+        loads and released by :meth:`finish` (cloak.io.output). ``inputs``: the image folder (or ``-``)
+        read, listed at once so that a missing folder or two inputs with one output name stop the run
+        before any model loads."""
         self.verb = verb
         self.common = common
         self.clock = Stopwatch()
@@ -118,9 +118,13 @@ class VerbRun:
         self.cache = resolve_cache_dir(common.cache_dir or self.cfg.defaults.get("cache_dir"))
         self.warnings: list[str] = []
         self.items: list[ItemRecord] = []
-        if inputs is not None:
-            input_files(inputs)
         self.claim = claim_output(output) if output is not None else None
+        try:
+            if inputs is not None:
+                input_files(inputs)
+        except BaseException:
+            self.release()
+            raise
 
     def value(self, key: str, flag: Any, default: Any) -> Any:
         resolved = self.cfg.resolve(self.verb, key, flag, default)

@@ -22,6 +22,7 @@ from typing import Any
 
 from cloak._verb import Common, VerbRun, same_dirs
 from cloak.errors import InputError, OutputExistsError, UsageError
+from cloak.io.output import apply_umask, staging_dir
 from cloak.io.report import Report, Stopwatch
 
 log = logging.getLogger("cloak.immunize")
@@ -174,7 +175,7 @@ def write_model_dir(sd, unet, target: Path, *, note: dict[str, Any], report: Rep
     target = Path(target)
     base = Path(sd.path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    staging = staging_dir(target.parent, target.name)  # pid in the name: a killed run's is recognisable
     old: Path | None = None
     try:
         for component in COPIED_COMPONENTS:  # only the UNet changes
@@ -183,6 +184,7 @@ def write_model_dir(sd, unet, target: Path, *, note: dict[str, Any], report: Rep
         (staging / "model_index.json").write_text(json.dumps(_model_index(base), indent=2) + "\n", encoding="utf-8")
         (staging / "cloak_model.json").write_text(json.dumps(note, indent=2) + "\n", encoding="utf-8")
         report.write(staging)
+        apply_umask(staging)  # copied and safetensors files are 0600, the folder 0700: the umask decides
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
             old.rmdir()

@@ -25,7 +25,9 @@ import os
 import re
 import secrets
 import shutil
+import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -40,6 +42,7 @@ except ImportError:  # pragma: no cover
 log = logging.getLogger("cloak")
 
 LOCK_NAME = ".cloak.lock"
+_claims: weakref.WeakValueDictionary[str, OutputClaim] = weakref.WeakValueDictionary()  # by folder
 _TOKEN_HEX = 8
 # Ours: .NAME.<pid>-<8 hex>.tmp (files and staging folders).
 _TEMP = re.compile(r"^\..+\.(?P<pid>\d+)-[0-9a-f]{%d}\.tmp$" % _TOKEN_HEX)
@@ -219,6 +222,7 @@ class OutputClaim:
         self.path = path
         self.fd = fd
         self.created = created  # the claim made the folder: an empty one is removed again on release
+        self.thread = threading.get_ident()
 
     @property
     def held(self) -> bool:
@@ -276,13 +280,20 @@ def claim_output(out_dir: Path | str, *, started: float | None = None) -> Output
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise write_error(out_dir, exc) from None
+    key = os.path.realpath(out_dir)
+    earlier = _claims.get(key)
+    if earlier is not None and earlier.thread == threading.get_ident():
+        # Runs do not nest, so a claim this thread still holds belongs to a run that ended in an exception
+        # (the Python API; its run object kept alive by a traceback): it is over, let it go.
+        earlier.release()
     try:
-        fd = _lock_once_more_after_gc(out_dir) if fcntl is not None else None
+        fd = _lock(out_dir) if fcntl is not None else None
     except BaseException:
         if created:
             _rmdir_quietly(out_dir)
         raise
     claim = OutputClaim(out_dir, fd, created)
+    _claims[key] = claim
     try:
         _probe(out_dir)
         remove_stale(_temp_entries(out_dir), started)
@@ -297,20 +308,6 @@ def _rmdir_quietly(path: Path) -> None:
         path.rmdir()
     except OSError:
         pass
-
-
-def _lock_once_more_after_gc(out_dir: Path) -> int:
-    try:
-        return _lock(out_dir)
-    except UsageError as exc:
-        if f"(pid {os.getpid()})" not in str(exc):
-            raise
-    # This very process holds it: an earlier run in it (the Python API) that failed and whose run object is
-    # kept alive only by a reference cycle. Collecting it releases its claim.
-    import gc
-
-    gc.collect()
-    return _lock(out_dir)
 
 
 def _lock(out_dir: Path) -> int:
