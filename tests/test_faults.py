@@ -84,10 +84,10 @@ def test_second_run_into_same_output_exits_2_naming_the_pid(tmp_path):
             assert time.time() < deadline, "the first run never claimed its output"
             time.sleep(0.05)
         second = _cloak("purify", "--method", "jpeg", "--seed", "1", "--force", images, out)
-        _, err2 = second.communicate(timeout=120)
+        _, err2 = second.communicate(timeout=300)
         assert second.returncode == 2, err2
         assert f"pid {first.pid}" in err2 and str(out) in err2
-        stdout1, err1 = first.communicate("\n".join(str(p) for p in sorted(images.glob("*.png"))) + "\n", timeout=120)
+        stdout1, err1 = first.communicate("\n".join(str(p) for p in sorted(images.glob("*.png"))) + "\n", timeout=300)
     finally:
         if first.poll() is None:
             first.kill()
