@@ -130,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     from cloak.errors import CloakError
 
     args = sys.argv[1:] if argv is None else argv
+    _output.reset()
     try:
         rv = command().main(args=args, prog_name="cloak", standalone_mode=False)
         return rv if isinstance(rv, int) else 0

@@ -29,6 +29,14 @@ _STYLES = {"error": "red", "warning": "yellow", "info": "", "debug": "dim", "cri
 _shown_warnings: set[str] = set()
 
 
+def reset() -> None:
+    """Forget the warnings shown (one CLI invocation each, also when several run in one process)."""
+    from cloak.cli import _run
+
+    _shown_warnings.clear()
+    _run.current_output = None
+
+
 def data(text: str) -> None:
     sys.stdout.write(text if text.endswith("\n") else text + "\n")
     sys.stdout.flush()
