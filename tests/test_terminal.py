@@ -90,7 +90,7 @@ def test_verbs_run_in_a_real_terminal_with_a_bar_and_a_final_line(verb, tmp_path
         assert any(line.startswith("psnr\t") or line.startswith("psnr ") for line in lines), lines[-10:]
         assert any(line.startswith("linf") for line in lines), lines[-10:]
     else:
-        assert str(tmp_path / "out") in lines, lines[-10:]
+        assert str(tmp_path / "out" / ("gen" if verb == "attack" else "")).rstrip("/") in lines, lines[-10:]
         assert any(re.match(rf"{verb} \S+ · ok \d+ · [\d.]+s$", line) for line in lines), lines[-10:]
 
 
@@ -320,3 +320,35 @@ def test_python_api_runs_each_verb_twice_after_importing_every_submodule(tmp_pat
     assert callable(cloak.protect) and callable(cloak.score)
     with pytest.raises(TypeError):
         cloak.score(images, no_such_flag=1)
+
+
+# --- completion -------------------------------------------------------------------------------------------
+
+
+def _bash_complete(script: Path, words: list[str], cwd: Path) -> list[str]:
+    """COMPREPLY of the generated bash completion for WORDS (the last one is being typed)."""
+    quoted = " ".join(shlex.quote(w) for w in words)
+    program = (f"source {shlex.quote(str(script))}; COMP_WORDS=({quoted}); COMP_CWORD={len(words) - 1}; "
+               "_cloak 2>/dev/null; printf '%s\\n' \"${COMPREPLY[@]}\"")
+    done = subprocess.run(["bash", "--norc", "--noprofile", "-c", program], cwd=cwd, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    return [w for w in done.stdout.splitlines() if w]
+
+
+def test_bash_completion_offers_names_not_files_where_a_name_is_expected(tmp_path):
+    r = run_cli("completion", "bash")
+    assert r.exit_code == 0
+    script = tmp_path / "cloak.bash"
+    script.write_text(r.stdout)
+    for name in ("aspl-notes.txt", "tiny-file.txt", "eps-file.txt", "0.5-file"):
+        (tmp_path / name).write_text("x")
+    shown = _bash_complete(script, ["cloak", "methods", "show", "as"], tmp_path)
+    assert "aspl" in shown and "aspl-notes.txt" not in shown
+    pulled = _bash_complete(script, ["cloak", "models", "pull", "ti"], tmp_path)
+    assert "tiny-sd" in pulled and "tiny-file.txt" not in pulled
+    keys = _bash_complete(script, ["cloak", "protect", "-o", "ep"], tmp_path)
+    assert "eps=" in keys and "eps-file.txt" not in keys
+    assert _bash_complete(script, ["cloak", "protect", "--eps", ""], tmp_path) == []
+    assert "aspl-notes.txt" in _bash_complete(script, ["cloak", "protect", "--ref", "as"], tmp_path)
+    assert "tiny-file.txt" in _bash_complete(script, ["cloak", "protect", "--method", "aspl", "ti"], tmp_path)

@@ -48,12 +48,16 @@ def stop_progress(c) -> None:
         c.progress.stop()
 
 
-def execute(c, call, out_dir: Path | None, *, as_json: bool, jsonl: bool, quiet: bool):
-    """Run ``call()``; render its report, also when some items failed (exit 5) or a gate failed (exit 6)."""
+def execute(c, call, out_dir: Path | None, *, as_json: bool, jsonl: bool, quiet: bool, run_dir: Path | None = None):
+    """Run ``call()``; render its report, also when some items failed (exit 5) or a gate failed (exit 6).
+
+    ``out_dir`` is what stdout names; ``run_dir`` (default ``out_dir``) the OUTPUT folder that holds the
+    run's results and checkpoints, for the Ctrl-C message."""
     from cloak.errors import CloakError
 
     global current_output
-    current_output = Path(out_dir) if out_dir is not None else None
+    run_dir = run_dir if run_dir is not None else out_dir
+    current_output = Path(run_dir) if run_dir is not None else None
     try:
         report = call()
     except CloakError as exc:
