@@ -352,3 +352,20 @@ def test_bash_completion_offers_names_not_files_where_a_name_is_expected(tmp_pat
     assert _bash_complete(script, ["cloak", "protect", "--eps", ""], tmp_path) == []
     assert "aspl-notes.txt" in _bash_complete(script, ["cloak", "protect", "--ref", "as"], tmp_path)
     assert "tiny-file.txt" in _bash_complete(script, ["cloak", "protect", "--method", "aspl", "ti"], tmp_path)
+
+
+def test_make_install_man_puts_pages_where_man_finds_them(tmp_path):
+    import shutil
+
+    if shutil.which("make") is None:
+        pytest.skip("no make")
+    done = subprocess.run(["make", "-s", "install-man", f"PREFIX={tmp_path}"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    installed = sorted(p.name for p in (tmp_path / "share/man/man1").glob("*.1"))
+    assert "cloak.1" in installed and "cloak-protect.1" in installed
+    assert installed == sorted(p.name for p in (ROOT / "man").glob("*.1"))
+    if shutil.which("man"):
+        found = subprocess.run(["man", "-w", "cloak-protect"], capture_output=True, text=True, timeout=60,
+                               env=dict(os.environ, MANPATH=str(tmp_path / "share/man")))
+        assert found.stdout.strip() == str(tmp_path / "share/man/man1/cloak-protect.1")
