@@ -133,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     _output.reset()
     try:
         rv = command().main(args=args, prog_name="cloak", standalone_mode=False)
+        if rv == 130:  # typer turned Ctrl-C into a bare Exit(130) and returned its code
+            return _interrupted(args)
         return rv if isinstance(rv, int) else 0
     except CloakError as exc:
         _output.error(str(exc))
