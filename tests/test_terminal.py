@@ -247,6 +247,26 @@ def test_methods_names_the_verb_a_method_belongs_to():
 # --- progress off a terminal ---------------------------------------------------------------------------------
 
 
+def test_rich_bar_renders_before_its_first_status_and_keeps_brackets():
+    import io
+
+    from rich.console import Console
+
+    from cloak._progress import RichProgress
+
+    screen = io.StringIO()
+    progress = RichProgress(Console(file=screen, force_terminal=True, width=120, no_color=True))
+    try:
+        with progress.task("aspl [ensemble]", 4) as task:
+            progress.bar.refresh()  # the bar thread's first refresh, before any advance
+            task.advance(1, status="loss [0.5]")
+            progress.bar.refresh()
+    finally:
+        progress.stop()
+    text = _plain(screen.getvalue())
+    assert "aspl [ensemble]" in text and "loss [0.5]" in text and "1/4" in text and "eta" in text
+
+
 def test_progress_lines_off_a_terminal_every_tenth_or_30_seconds():
     import io
 
