@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: install demo test docs lint bench clean
+.PHONY: install install-man demo test docs lint bench clean
 
 install: $(STAMP)
 
@@ -19,6 +19,15 @@ $(STAMP): pyproject.toml
 	# facenet-pytorch ships MTCNN weights but pins an old torch: install it without its dependencies.
 	$(BIN)/python -m pip install -q --no-deps 'facenet-pytorch>=2.5'
 	touch $(STAMP)
+
+# Man pages where `man cloak` finds them (~/.local/share/man is on man's path when ~/.local/bin is on PATH).
+PREFIX ?= $(HOME)/.local
+MANDIR ?= $(PREFIX)/share/man/man1
+
+install-man:
+	install -d "$(MANDIR)"
+	install -m 644 man/*.1 "$(MANDIR)"
+	@echo "installed $$(ls man/*.1 | wc -l) man pages in $(MANDIR): try 'man cloak'"
 
 demo: $(STAMP)
 	PATH="$(abspath $(BIN)):$$PATH" bash examples/demo.sh

@@ -1,48 +1,196 @@
 """cloak: protect photos against unauthorized personalization of diffusion models, and measure it.
 
-The Python API mirrors the CLI verbs; each call returns the verb's report::
+The Python API mirrors the CLI verbs: keyword arguments are the command's flags (``--eps-unit`` is
+``eps_unit``, ``-o key=value`` is ``options={"key": value}``), and each call returns the verb's report,
+readable as attributes or as a dict (``report.summary`` or ``report["summary"]``)::
 
     import cloak
     cloak.protect("photos/", "protected/", method="aspl", model="tiny-sd")
-    cloak.score("generated/", ref="photos/", metrics=["psnr", "ssim"])
+    report = cloak.score("generated/", ref="photos/", metrics=["psnr", "ssim"])
+    report["summary"]["metrics"]["psnr"]["mean"]
+
+Errors are :class:`cloak.errors.CloakError` subclasses, whose ``exit_code`` is the CLI's.
 """
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from os import PathLike
+
+    from cloak.io.report import Report
 
 __version__ = "0.1.0"
 
 
-def protect(input_dir, output_dir, **kwargs):
-    """Perturb the images of ``input_dir`` into ``output_dir`` (see ``cloak protect --help``)."""
+def _split(run_kwargs: dict[str, Any], common_values: dict[str, Any]):
+    """Common flags (and any flag another version adds to ``Common``) for the shared set-up; the rest,
+    verb-specific, for the verb's run function."""
+    from dataclasses import fields
+
+    from cloak._verb import Common
+
+    names = {f.name for f in fields(Common)}
+    values = {k: v for k, v in common_values.items() if v is not None or k in ("config", "cache_dir")}
+    values.update({k: v for k, v in run_kwargs.items() if k in names})
+    if values.get("options") is None:
+        values.pop("options", None)
+    rest = {k: v for k, v in run_kwargs.items() if k not in names}
+    return Common(**values), rest
+
+
+def _str(path) -> str | None:
+    return None if path is None else str(path)
+
+
+def protect(input_dir: str | PathLike, output_dir: str | PathLike, *, method: str | None = None,
+            ref: str | PathLike | None = None, eps: float | None = None, eps_unit: str | None = None,
+            steps: int | None = None, target_image: str | PathLike | None = None, model: str | None = None,
+            tiny: bool = False, effort: float | None = None, resolution: int | None = None, seed: int | None = None,
+            device: str | None = None, dtype: str | None = None, options: dict[str, Any] | None = None,
+            force: bool = False, resume: bool = False, keep_going: bool = False, keep_metadata: bool = False,
+            compat: bool = False, config: str | None = None, cache_dir: str | None = None,
+            on_item: Callable[[dict], None] | None = None, **kwargs: Any) -> Report:
+    """Perturb the images of ``input_dir`` into PNGs in ``output_dir`` (``cloak protect``).
+
+    Args:
+        method: protection method (``cloak methods protect``); ``ref``: clean photos of the same person for
+            surrogate methods; ``eps``/``eps_unit``: the ℓ∞ budget and its unit (m11, 01, 255);
+            ``steps``: the method's main iteration count; ``target_image``: for targeted methods.
+        model, tiny, effort, resolution, seed, device, dtype: as the CLI flags (``tiny=True``: the
+            built-in random stand-in, seconds, protects nothing).
+        options: method options, as ``-o key=value`` (``cloak methods show METHOD``).
+        force, resume, keep_going, keep_metadata, compat, config, cache_dir: as the CLI flags.
+        on_item: called with each item's record as it finishes (the CLI's ``--jsonl``).
+        **kwargs: any further flag of this version, passed through.
+
+    Returns the report (also written to ``output_dir/report.json``).
+    """
     from cloak.protect.run import run_protect
 
-    return run_protect(input_dir, output_dir, **kwargs)
+    common, rest = _split(kwargs, dict(method=method, model=model, tiny=tiny, effort=effort, resolution=resolution,
+                                       seed=seed, device=device, dtype=dtype, options=options, force=force,
+                                       resume=resume, keep_going=keep_going, keep_metadata=keep_metadata,
+                                       compat=compat, config=config, cache_dir=cache_dir, on_item=on_item))
+    return run_protect(input_dir, output_dir, ref=_str(ref), eps=eps, eps_unit=eps_unit, steps=steps,
+                       target_image=_str(target_image), common=common, **rest)
 
 
-def immunize(input_dir, output_dir, **kwargs):
-    """Write an immunized model directory (see ``cloak immunize --help``)."""
+def immunize(input_dir: str | PathLike, output_dir: str | PathLike, *, method: str | None = None,
+             safe: str | PathLike | None = None, checkpoint_every: int | None = None, model: str | None = None,
+             tiny: bool = False, effort: float | None = None, resolution: int | None = None,
+             seed: int | None = None, device: str | None = None, dtype: str | None = None,
+             options: dict[str, Any] | None = None, force: bool = False, resume: bool = False,
+             compat: bool = False, config: str | None = None, cache_dir: str | None = None,
+             **kwargs: Any) -> Report:
+    """Write an immunized copy of the base model to ``output_dir`` (``cloak immunize``).
+
+    Args:
+        method: immunization method (default apdm); ``safe``: the paired safe image set;
+            ``checkpoint_every``: outer iterations between checkpoints (``resume=True`` continues).
+        model, tiny, effort, resolution, seed, device, dtype, options, force, resume, compat, config,
+            cache_dir: as the CLI flags (``options`` is ``-o key=value`` as a dict).
+        **kwargs: any further flag of this version, passed through.
+
+    Returns the report (also in ``output_dir/report.json``).
+    """
     from cloak.immunize.run import run_immunize
 
-    return run_immunize(input_dir, output_dir, **kwargs)
+    common, rest = _split(kwargs, dict(method=method, model=model, tiny=tiny, effort=effort, resolution=resolution,
+                                       seed=seed, device=device, dtype=dtype, options=options, force=force,
+                                       resume=resume, compat=compat, config=config, cache_dir=cache_dir))
+    return run_immunize(input_dir, output_dir, safe=_str(safe), checkpoint_every=checkpoint_every, common=common,
+                        **rest)
 
 
-def purify(input_dir, output_dir, **kwargs):
-    """Purify (possibly protected) images (see ``cloak purify --help``)."""
+def purify(input_dir: str | PathLike, output_dir: str | PathLike, *, method: str | None = None,
+           model: str | None = None, tiny: bool = False, effort: float | None = None, resolution: int | None = None,
+           seed: int | None = None, device: str | None = None, dtype: str | None = None,
+           options: dict[str, Any] | None = None, force: bool = False, resume: bool = False,
+           keep_going: bool = False, keep_metadata: bool = False, compat: bool = False, config: str | None = None,
+           cache_dir: str | None = None, on_item: Callable[[dict], None] | None = None, **kwargs: Any) -> Report:
+    """Purify the (possibly protected) images of ``input_dir`` into ``output_dir`` (``cloak purify``).
+
+    Args:
+        method: purification method (``cloak methods purify``); ``options``: ``-o key=value`` as a dict.
+        model, tiny, effort, resolution, seed, device, dtype, force, resume, keep_going, keep_metadata,
+            compat, config, cache_dir: as the CLI flags.
+        on_item: called with each item's record as it finishes.
+        **kwargs: any further flag of this version, passed through.
+
+    Returns the report (also in ``output_dir/report.json``).
+    """
     from cloak.purify.run import run_purify
 
-    return run_purify(input_dir, output_dir, **kwargs)
+    common, rest = _split(kwargs, dict(method=method, model=model, tiny=tiny, effort=effort, resolution=resolution,
+                                       seed=seed, device=device, dtype=dtype, options=options, force=force,
+                                       resume=resume, keep_going=keep_going, keep_metadata=keep_metadata,
+                                       compat=compat, config=config, cache_dir=cache_dir, on_item=on_item))
+    return run_purify(input_dir, output_dir, common=common, **rest)
 
 
-def attack(input_dir, output_dir, **kwargs):
-    """Personalize a model on ``input_dir`` and generate images (see ``cloak attack --help``)."""
+def attack(input_dir: str | PathLike, output_dir: str | PathLike, *, method: str | None = None,
+           ref: str | PathLike | None = None, prompts: list[str] | None = None, num_images: int | None = None,
+           sample_steps: int | None = None, guidance: float | None = None, negative_prompt: str | None = None,
+           sampler: str | None = None, save_model: str | PathLike | None = None, steps: int | None = None,
+           model: str | None = None, tiny: bool = False, effort: float | None = None,
+           resolution: int | None = None, seed: int | None = None, device: str | None = None,
+           dtype: str | None = None, options: dict[str, Any] | None = None, force: bool = False,
+           resume: bool = False, keep_going: bool = False, compat: bool = False, config: str | None = None,
+           cache_dir: str | None = None, on_item: Callable[[dict], None] | None = None, **kwargs: Any) -> Report:
+    """Personalize a model on ``input_dir`` and generate images into ``output_dir/gen`` (``cloak attack``).
+
+    Args:
+        method: personalization method (default dreambooth); ``ref``: clean photos to report identity
+            similarity against; ``prompts``, ``num_images``, ``sample_steps``, ``guidance``,
+            ``negative_prompt``, ``sampler``: sampling; ``save_model``: keep the fine-tuned model there;
+            ``steps``: training steps.
+        model, tiny, effort, resolution, seed, device, dtype, options, force, resume, keep_going, compat,
+            config, cache_dir: as the CLI flags (``options`` is ``-o key=value`` as a dict).
+        on_item: called with each item's record as it finishes.
+        **kwargs: any further flag of this version, passed through.
+
+    Returns the report (also in ``output_dir/report.json``).
+    """
     from cloak.attack.run import run_attack
 
-    return run_attack(input_dir, output_dir, **kwargs)
+    common, rest = _split(kwargs, dict(method=method, model=model, tiny=tiny, effort=effort, resolution=resolution,
+                                       seed=seed, device=device, dtype=dtype, options=options, force=force,
+                                       resume=resume, keep_going=keep_going, compat=compat, config=config,
+                                       cache_dir=cache_dir, on_item=on_item))
+    return run_attack(input_dir, output_dir, ref=_str(ref), prompts=prompts, num_images=num_images,
+                      sample_steps=sample_steps, guidance=guidance, negative_prompt=negative_prompt, sampler=sampler,
+                      save_model=_str(save_model), steps=steps, common=common, **rest)
 
 
-def score(generated_dir, **kwargs):
-    """Score generated images against a clean reference set (see ``cloak score --help``)."""
-    from cloak.api import run_score
+def score(generated_dir: str | PathLike, *, ref: str | PathLike | None = None, metrics: list[str] | None = None,
+          fail_if: list[str] | None = None, report_path: str | PathLike | None = None,
+          per_subdir: bool | None = None, sheet: str | PathLike | None = None, tiny: bool = False,
+          seed: int | None = None, device: str | None = None, options: dict[str, Any] | None = None,
+          keep_going: bool = False, config: str | None = None, cache_dir: str | None = None,
+          on_item: Callable[[dict], None] | None = None, **kwargs: Any) -> Report:
+    """Score the images of ``generated_dir`` against the clean ``ref`` photos (``cloak score``).
 
-    return run_score(generated_dir, **kwargs)
+    Args:
+        ref: clean reference photos; ``metrics``: metric names (default fdfr, ism); ``fail_if``: gate
+            expressions (a true one raises :class:`cloak.errors.GateFailed`, carrying the report);
+            ``report_path``: also write the JSON report there; ``per_subdir``: score each subfolder
+            against the same-named one of ``ref``; ``sheet``: write a contact sheet PNG there.
+        tiny, seed, device, keep_going, config, cache_dir: as the CLI flags; ``options``: metric options,
+            ``{"ism.backend": "dlib"}`` as ``-o ism.backend=dlib``.
+        on_item: called with each image's record as it is scored.
+        **kwargs: any further flag of this version, passed through.
+
+    Returns the report; ``report["summary"]["metrics"]`` holds each metric's mean, std and n.
+    """
+    from cloak.score.runner import score_run
+
+    common, rest = _split(kwargs, dict(tiny=tiny, seed=seed, device=device, options=options, keep_going=keep_going,
+                                       config=config, cache_dir=cache_dir, on_item=on_item))
+    return score_run(generated_dir, ref=_str(ref), metrics=metrics, fail_if=fail_if, report_path=_str(report_path),
+                     per_subdir=per_subdir, sheet=_str(sheet), common=common, **rest)
 
 
 # The verbs' functions share their names with the subpackages that hold each verb's methods

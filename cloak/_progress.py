@@ -1,15 +1,15 @@
 """Progress reporting that library code can call without knowing about terminals.
 
-The CLI installs a rich bar on stderr when stderr is a TTY, and log lines (``-v``) otherwise; the
-Python API defaults to silence.
+The CLI installs a rich bar on stderr when stderr is a TTY, and sparse plain lines otherwise (CI logs:
+every ~10 % or 30 s, with the ETA); the Python API defaults to silence.
 """
 
 from __future__ import annotations
 
-import logging
+import sys
 import time
-
-log = logging.getLogger("cloak.progress")
+from collections.abc import Callable
+from typing import TextIO
 
 
 class Task:
@@ -33,34 +33,67 @@ class Progress:
         return Task()
 
 
-class _LogTask(Task):
-    def __init__(self, description: str, total: int | None):
-        self.description, self.total, self.done = description, total, 0
-        self.start = time.perf_counter()
-        self.next_report = 0.1
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+class _LineTask(Task):
+    def __init__(self, owner: LineProgress, description: str, total: int | None):
+        self.owner, self.description, self.total, self.done = owner, description, total, 0
+        self.start = self.last = owner.clock()
+        self.next_fraction = owner.fraction
 
     def advance(self, n: int = 1, status: str | None = None) -> None:
         self.done += n
-        if self.total and self.done / self.total >= self.next_report:
-            elapsed = time.perf_counter() - self.start
-            eta = elapsed / self.done * (self.total - self.done)
-            log.info("%s: %d/%d (%.0f%%), eta %.0fs%s", self.description, self.done, self.total,
-                     100 * self.done / self.total, eta, f" [{status}]" if status else "")
-            while self.next_report <= self.done / self.total:
-                self.next_report += 0.1
+        now = self.owner.clock()
+        fraction = self.done / self.total if self.total else None
+        due_by_fraction = fraction is not None and fraction >= self.next_fraction
+        due_by_time = now - self.last >= self.owner.interval
+        if not (due_by_fraction or due_by_time):
+            return
+        if fraction is not None:
+            while self.next_fraction <= fraction:
+                self.next_fraction += self.owner.fraction
+        self.last = now
+        elapsed = now - self.start
+        if self.total:
+            eta = elapsed / self.done * (self.total - self.done) if self.done else 0.0
+            line = (f"{self.description}: {self.done}/{self.total} ({100 * fraction:.0f}%), "
+                    f"{_duration(elapsed)} elapsed, eta {_duration(eta)}")
+        else:
+            line = f"{self.description}: {self.done} done, {_duration(elapsed)} elapsed"
+        if status:
+            line += f" ({status})"
+        self.owner.write(line)
 
 
-class LogProgress(Progress):
-    """One log line per 10 % (stderr is not a terminal: no bars)."""
+class LineProgress(Progress):
+    """Plain progress lines for a stderr that is not a terminal (CI logs): one line per ``fraction`` of a
+    task or per ``interval`` seconds, whichever comes first, each with elapsed time and ETA."""
+
+    def __init__(self, stream: TextIO | None = None, *, fraction: float = 0.1, interval: float = 30.0,
+                 clock: Callable[[], float] = time.monotonic):
+        self.stream, self.fraction, self.interval, self.clock = stream, fraction, interval, clock
+
+    def write(self, line: str) -> None:
+        stream = self.stream or sys.stderr
+        stream.write(line + "\n")
+        stream.flush()
 
     def task(self, description: str, total: int | None) -> Task:
-        return _LogTask(description, total)
+        return _LineTask(self, description, total)
 
 
 class _RichTask(Task):
     def __init__(self, bar, description: str, total: int | None):
         self.bar = bar
-        self.id = bar.add_task(description, total=total)
+        # Every field a column reads must exist from the start: the bar refreshes on its own thread.
+        self.id = bar.add_task(description, total=total, status="")
 
     def advance(self, n: int = 1, status: str | None = None) -> None:
         self.bar.update(self.id, advance=n, status=status or "")
@@ -70,14 +103,16 @@ class _RichTask(Task):
 
 
 class RichProgress(Progress):
-    """A rich bar with ETA on stderr."""
+    """A rich bar with ETA on stderr (a terminal)."""
 
     def __init__(self, console):
         from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
         from rich.progress import Progress as RichBar
 
-        self.bar = RichBar(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                           TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[status]}"),
+        # markup=False: descriptions and statuses are plain text (a method or file name may hold brackets).
+        self.bar = RichBar(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
+                           TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                           TextColumn("{task.fields[status]}", markup=False),
                            console=console, transient=True)
         self.bar.start()
 

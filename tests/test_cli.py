@@ -140,10 +140,10 @@ def test_default_stdout_is_output_path(cli, image_dir, tmp_path):
     assert r.stdout.strip() == str(tmp_path / "out")
 
 
-def test_quiet_prints_output_paths(cli, image_dir, tmp_path):
+def test_quiet_keeps_stdout_and_silences_stderr(cli, image_dir, tmp_path):
     r = cli("purify", "-q", image_dir, tmp_path / "out")
     assert r.exit_code == 0
-    assert sorted(Path(p).name for p in r.stdout.split()) == ["img0.png", "img1.png", "img2.png"]
+    assert r.stdout == f"{tmp_path / 'out'}\n"  # -q changes stderr only (README: stdout per mode)
     assert r.stderr == ""
 
 

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 import traceback
 
@@ -59,49 +60,126 @@ def _register() -> None:
 _register()
 
 
+# Rich styles that help texts use on purpose; every other "[" in a help text is literal text.
+_STYLE_TAG = re.compile(r"\[(?!/?(?:bold|italic|dim|red|green|yellow)\b[^\]]*\])")
+
+
+def _escape_help(text: str | None) -> str | None:
+    return _STYLE_TAG.sub(r"\\[", text) if text else text
+
+
+def _reflow(text: str | None) -> str | None:
+    """Join the source's line breaks inside a prose paragraph (the terminal wraps it); keep blocks laid
+    out in columns (examples, tables: click has already removed their indentation) as they are."""
+    if not text:
+        return text
+    paragraphs = text.strip("\n").split("\n\n")
+    return "\n\n".join(p if any(line[:1].isspace() or "  " in line.strip() for line in p.splitlines()) else " ".join(p.splitlines())
+                       for p in paragraphs)
+
+
+def _readable_types(param) -> None:
+    """Typer shows a type placeholder for every parameter (``<bool>`` for a flag, ``<list[str]>``):
+    flags get none, arguments their name only, options their metavar or a word for the value."""
+    if param.param_type_name == "argument" or getattr(param, "is_flag", False) or getattr(param, "count", False):
+        param.display_type_rich = lambda ctx: None
+        return
+    if param.metavar:
+        return
+    try:
+        kind = param.bare_type().removeprefix("list[").removesuffix("]")
+    except (AttributeError, AssertionError):
+        kind = ""
+    word = {"int": "N", "float": "NUMBER", "Path": "PATH", "bool": "BOOL"}.get(kind) or \
+        (param.name or "value").upper().replace("_", "-")
+    param.display_type_rich = lambda ctx, word=word: word
+
+
+def _polish(command) -> None:
+    command.help = _escape_help(_reflow(command.help))
+    command.epilog = _escape_help(command.epilog)
+    help_option = command.get_help_option
+
+    def get_help_option(ctx, help_option=help_option):
+        option = help_option(ctx)
+        if option is not None:
+            _readable_types(option)
+        return option
+
+    command.get_help_option = get_help_option
+    for param in command.params:
+        if hasattr(param, "help"):
+            param.help = _escape_help(param.help)
+        _readable_types(param)
+    for sub in getattr(command, "commands", {}).values():
+        _polish(sub)
+
+
+def command():
+    """The click command behind ``cloak``, with help texts escaped for Rich and readable value words."""
+    import typer.main
+
+    cmd = typer.main.get_command(app)
+    _polish(cmd)
+    return cmd
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI and map errors to exit codes."""
-    from cloak.cli._output import err
+    from cloak.cli import _output
     from cloak.errors import CloakError
 
     args = sys.argv[1:] if argv is None else argv
+    _output.reset()
     try:
-        rv = app(args=args, prog_name="cloak", standalone_mode=False)
+        rv = command().main(args=args, prog_name="cloak", standalone_mode=False)
+        if rv == 130:  # typer turned Ctrl-C into a bare Exit(130) and returned its code
+            return _interrupted(args)
         return rv if isinstance(rv, int) else 0
     except CloakError as exc:
-        err.print(f"[red]error:[/red] {exc}", markup=True, highlight=False, soft_wrap=True)
+        _output.error(str(exc))
         if os.environ.get("CLOAK_DEBUG"):
             traceback.print_exc()
         return exc.exit_code
     except KeyboardInterrupt:
-        err.print("interrupted")
-        return 130
+        return _interrupted(args)
     except typer.Exit as exc:
+        # typer turns Ctrl-C into a bare Exit(130) before this handler could see the KeyboardInterrupt.
+        if exc.exit_code == 130 and isinstance(exc.__cause__, KeyboardInterrupt):
+            return _interrupted(args)
         return exc.exit_code
     except typer.Abort:
-        err.print("aborted")
-        return 130
+        return _interrupted(args)
     except typer.TyperException as exc:  # usage errors from the (vendored) click parser
         if hasattr(exc, "show"):
             exc.show(file=sys.stderr)
         else:
-            err.print(f"[red]error:[/red] {exc.format_message()}")
+            _output.error(exc.format_message())
         return exc.exit_code
     except Exception as exc:  # noqa: BLE001 — last resort: one line, traceback with CLOAK_DEBUG
         if _out_of_memory(exc):
-            err.print(f"[red]error:[/red] out of memory: {str(exc).splitlines()[0]}", soft_wrap=True)
-            err.print("hint: aspl, fsmg, simac and cap take -o pgd_batch=N (N images per UNet pass, "
-                      "the same step up to rounding); "
-                      "metacloak and dladiff put the whole set in one batch: protect fewer images per run; or lower "
-                      "--resolution, or use --dtype bf16. `cloak methods show NAME` lists batch_size / "
-                      "gradient_checkpointing where a method has them", soft_wrap=True)
+            _output.error(f"out of memory: {str(exc).splitlines()[0]}")
+            _output.note("hint: aspl, fsmg, simac and cap take -o pgd_batch=N (N images per UNet pass, "
+                         "the same step up to rounding); "
+                         "metacloak and dladiff put the whole set in one batch: protect fewer images per run; or "
+                         "lower --resolution, or use --dtype bf16. `cloak methods show NAME` lists batch_size / "
+                         "gradient_checkpointing where a method has them")
             return 1
-        err.print(f"[red]error:[/red] {type(exc).__name__}: {exc}")
+        _output.error(f"{type(exc).__name__}: {exc}")
         if os.environ.get("CLOAK_DEBUG"):
             traceback.print_exc()
         else:
-            err.print("set CLOAK_DEBUG=1 for the traceback")
+            _output.note("set CLOAK_DEBUG=1 for the traceback")
         return 1
+
+
+def _interrupted(args: list[str]) -> int:
+    """Ctrl-C: one line saying what was kept and the exact command that resumes, exit 130."""
+    from cloak.cli import _output
+    from cloak.cli._run import interrupted_message
+
+    _output.note(interrupted_message(args))
+    return 130
 
 
 def _out_of_memory(exc: BaseException) -> bool:

@@ -22,6 +22,7 @@ class Opt:
     takes_value: bool
     metavar: str
     choices: list[str] = field(default_factory=list)
+    files: bool = False  # the value is a path: complete file names (never for numbers or names)
 
 
 @dataclass
@@ -55,7 +56,7 @@ def walk(command=None, path: list[str] | None = None) -> Cmd:
             names = list(p.opts) + list(getattr(p, "secondary_opts", []))
             takes = not (getattr(p, "is_flag", False) or getattr(p, "count", False))
             options.append(Opt(names, _clean(getattr(p, "help", "")), takes, (p.metavar or p.name or "").upper()
-                               if takes else "", _choices_for(names)))
+                               if takes else "", _choices_for(names), takes and _is_path(p)))
         else:
             arguments.append(((p.metavar or p.name).upper(), _clean(getattr(p, "help", ""))))
     options.append(Opt(["--help"], "Show this message and exit.", False, ""))
@@ -65,6 +66,50 @@ def walk(command=None, path: list[str] | None = None) -> Cmd:
             continue
         children.append(walk(sub, path + [name]))
     return Cmd(path, _clean(command.help), _clean(command.epilog), options, arguments, children)
+
+
+# Options typed str that name a file or folder (the others are numbers, names or key=value).
+_PATH_OPTIONS = {"config", "cache_dir"}
+
+
+def _is_path(param) -> bool:
+    try:
+        kind = param.bare_type()
+    except (AttributeError, AssertionError):
+        kind = ""
+    return kind in ("Path", "list[Path]") or param.name in _PATH_OPTIONS
+
+
+def argument_words(cmd: Cmd) -> list[str] | None:
+    """Words for a command's positional arguments; None where they are files (the verbs' folders)."""
+    from cloak.cli.methods import registries
+
+    leaf = cmd.path[1:]
+    if leaf == ["methods"]:
+        regs = registries()
+        return sorted(set(regs) | {"show"} | {n for r in regs.values() for n in r.names()})
+    if leaf[:1] == ["models"] and leaf[1:] in (["pull"], ["path"], ["verify"], ["rm"]):
+        from cloak.models.catalog import ids
+
+        return ids()
+    if leaf == ["completion"]:
+        return ["bash", "zsh", "fish"]
+    return None
+
+
+def option_keys(cmd: Cmd) -> list[str]:
+    """``KEY=`` for every option of the verb's methods (``METRIC.KEY=`` for score), for ``-o``."""
+    from cloak.cli.methods import registries
+
+    regs = registries()
+    verb = cmd.path[1] if len(cmd.path) > 1 else ""
+    if verb not in regs:
+        return []
+    keys = set()
+    for name in regs[verb].names():
+        for row in regs[verb].get(name).option_table():
+            keys.add(f"{name}.{row['name']}=" if verb == "score" else f"{row['name']}=")
+    return sorted(keys)
 
 
 _ORDER = ["protect", "immunize", "purify", "attack", "score", "models", "methods", "config", "completion"]
@@ -209,6 +254,8 @@ def markdown() -> str:
 def _value_words(cmd: Cmd, opt: Opt) -> list[str]:
     if opt.names[0] in ("--method", "-m") or "--method" in opt.names:
         return _method_choices(cmd)
+    if "--option" in opt.names:
+        return option_keys(cmd)
     return opt.choices
 
 
@@ -231,17 +278,26 @@ def bash() -> str:
         lines.append('      case "$prev" in')
         for o, vals in value_cases:
             names = "|".join(o.names)
-            if vals:
+            if vals and all(v.endswith("=") for v in vals):  # KEY=: the value follows without a space
+                lines.append(f'        {names}) COMPREPLY=($(compgen -W "{" ".join(vals)}" -- "$cur")); '
+                             'compopt -o nospace 2>/dev/null; return ;;')
+            elif vals:
                 lines.append(f'        {names}) COMPREPLY=($(compgen -W "{" ".join(vals)}" -- "$cur")); return ;;')
-            else:
-                lines.append(f'        {names}) COMPREPLY=($(compgen -f -- "$cur")); return ;;')
+            elif o.files:
+                lines.append(f'        {names}) COMPREPLY=($(compgen -f -- "$cur")); compopt -o filenames 2>/dev/null; '
+                             'return ;;')
+            else:  # a number or a free-form name: nothing to offer, and no file names
+                lines.append(f'        {names}) COMPREPLY=(); return ;;')
         lines.append("      esac")
-        if c.arguments and not c.children:
+        arg_words = argument_words(c)
+        if c.arguments and not c.children and arg_words is not None:
+            lines.append(f'      COMPREPLY=($(compgen -W "{" ".join(words + arg_words)}" -- "$cur")); return ;;')
+        elif c.arguments and not c.children:
             lines.append(f'      if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "{" ".join(words)}" -- "$cur"));'
-                         ' else COMPREPLY=($(compgen -f -- "$cur")); fi; return ;;')
+                         ' else COMPREPLY=($(compgen -f -- "$cur")); compopt -o filenames 2>/dev/null; fi; return ;;')
         else:
             lines.append(f'      COMPREPLY=($(compgen -W "{" ".join(words)}" -- "$cur")); return ;;')
-    lines += ["  esac", "}", "complete -o default -F _cloak cloak", ""]
+    lines += ["  esac", "}", "complete -F _cloak cloak", ""]
     return "\n".join(lines)
 
 
@@ -261,7 +317,7 @@ def zsh() -> str:
             for n in o.names:
                 if o.takes_value:
                     vals = _value_words(c, o)
-                    action = f"({' '.join(vals)})" if vals else "_files"
+                    action = f"({' '.join(vals)})" if vals else ("_files" if o.files else " ")
                     specs.append(f"'{n}[{desc}]:{o.metavar.lower() or 'value'}:{action}'")
                 else:
                     specs.append(f"'{n}[{desc}]'")
@@ -271,6 +327,8 @@ def zsh() -> str:
             lines.append(f"      local -a subcmds; subcmds=({subs})")
             lines.append("      _describe 'command' subcmds")
             lines.append(f"      _arguments {' '.join(specs)}")
+        elif argument_words(c) is not None:
+            lines.append(f"      _arguments {' '.join(specs)} '*:word:({' '.join(argument_words(c))})'")
         else:
             lines.append(f"      _arguments {' '.join(specs)} '*:file:_files'")
         lines.append("      ;;")
@@ -302,11 +360,13 @@ def fish() -> str:
             parts += [f"-l {n}" for n in longs] + [f"-s {n}" for n in shorts]
             if o.takes_value:
                 vals = _value_words(c, o)
-                parts.append(f"-x -a '{' '.join(vals)}'" if vals else "-r -F")
+                parts.append(f"-x -a '{' '.join(vals)}'" if vals else ("-r -F" if o.files else "-x"))
             parts.append(f"-d '{desc[:80]}'")
             lines.append(" ".join(parts))
         if c.arguments and not c.children:
-            lines.append(f"complete -c cloak -n '{cond}' -F")
+            arg_words = argument_words(c)
+            lines.append(f"complete -c cloak -n '{cond}' -a '{' '.join(arg_words)}'" if arg_words is not None
+                         else f"complete -c cloak -n '{cond}' -F")
     return "\n".join(lines) + "\n"
 
 

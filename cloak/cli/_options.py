@@ -37,7 +37,8 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print the full report as 
                                        rich_help_panel=_OUT)]
 JsonlOpt = Annotated[bool, typer.Option("--jsonl", help="Print one JSON record per item on stdout as it finishes.",
                                         rich_help_panel=_OUT)]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print only output paths; no progress.",
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Nothing on stderr but errors (no progress, summary or "
+                                        "warnings); stdout is unchanged.",
                                         rich_help_panel=_OUT)]
 VerboseOpt = Annotated[int, typer.Option("--verbose", "-v", count=True, help="More log output on stderr (-vv: debug).",
                                          rich_help_panel=_OUT)]

@@ -79,4 +79,4 @@ def register(app: typer.Typer) -> None:
                                       num_images=num_images, sample_steps=sample_steps, guidance=guidance,
                                       negative_prompt=negative_prompt, sampler=sampler, steps=steps,
                                       save_model=str(save_model) if save_model else None, common=c),
-                output_dir / "gen", as_json=as_json, jsonl=jsonl, quiet=quiet)
+                output_dir / "gen", as_json=as_json, jsonl=jsonl, quiet=quiet, run_dir=output_dir)

@@ -72,6 +72,12 @@ def show(name: str, verb: str | None, as_json: bool) -> None:
 
     regs = registries()
     found = [(v, r) for v, r in regs.items() if name in r and (verb is None or v == verb)]
+    elsewhere = [v for v, r in regs.items() if name in r]
+    if not found and elsewhere:
+        kinds = " and ".join(f"a{'n' if v[0] in 'aeiou' else ''} {v} {'metric' if v == 'score' else 'method'}"
+                             for v in elsewhere)
+        raise UsageError(f"{name} is {kinds}, not a {verb} method",
+                         hint=f"cloak methods {elsewhere[0]} {name}; `cloak methods {verb}` lists the {verb} methods")
     if not found:
         every = sorted({n for r in regs.values() for n in r.names()})
         raise UsageError(f"no method or metric named {name!r}{suggest(name, every)}")

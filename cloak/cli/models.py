@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import sys
 from typing import Annotated, Optional
 
 import typer
@@ -45,18 +46,24 @@ def list_models(cache_dir: CacheOpt = None, as_json: JsonOpt = False) -> None:
     if as_json:
         _output.data_json(rows)
         return
-    for r in rows:
-        _output.data(f"{r['id']}\t{r['status']}\t{r['kind']}\t{r['licence']}")
+    if not sys.stdout.isatty():  # piped: one TSV row per model, nothing else on stdout
+        for r in rows:
+            _output.data(f"{r['id']}\t{r['status']}\t{r['kind']}\t{r['licence']}")
+        _output.note(f"cache: {cache}")
+        return
+    from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
+    # On a terminal the same rows as a table, instead of the TSV (not as well).
     t = Table(show_edge=False)
     for col in ("id", "status", "licence", "description"):
         t.add_column(col)
     for r in rows:
-        lic = r["licence"] + (" [bold red](NON-COMMERCIAL)[/bold red]" if r["non_commercial"] else "")
-        t.add_row(r["id"], r["status"], lic, r["description"])
-    _output.err.print(t)
-    _output.err.print(f"cache: {cache}")
+        lic = Text(r["licence"]) + (Text(" (NON-COMMERCIAL)", style="bold red") if r["non_commercial"] else Text())
+        t.add_row(Text(r["id"]), Text(r["status"]), lic, Text(r["description"]))
+    Console(highlight=False, markup=False).print(t)
+    _output.note(f"cache: {cache}")
 
 
 def _packaged(model_id: str) -> bool:
@@ -80,7 +87,7 @@ def pull(
 
     cache = _cache(cache_dir)
     for model_id in ids:
-        path = do_pull(cache, model_id, progress=lambda msg: _output.err.print(msg))
+        path = do_pull(cache, model_id, progress=_output.note)
         _output.data(str(path))
 
 
@@ -110,7 +117,7 @@ def verify(
         problems = do_verify(cache, model_id)
         _output.data(f"{model_id}\t{'ok' if not problems else 'FAILED'}")
         for p in problems:
-            _output.err.print(f"  {model_id}: {p}")
+            _output.note(f"  {model_id}: {p}")
         bad += bool(problems)
     if bad:
         raise CloakError(f"{bad} model(s) failed verification")
@@ -132,7 +139,7 @@ def rm(
         spec_or_error(model_id)
         target = model_dir(cache, model_id)
         if not target.exists():
-            _output.err.print(f"{model_id}: not in the cache")
+            _output.note(f"{model_id}: not in the cache")
             continue
         if dry_run:
             _output.data(f"would remove {target}")

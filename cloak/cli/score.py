@@ -85,18 +85,22 @@ def register(app: typer.Typer) -> None:
         except CloakError as exc:
             stop_progress(c)
             if getattr(exc, "report", None) is not None:
-                _render(exc.report, as_json, quiet)
+                _render(exc.report, as_json, quiet, jsonl)
             raise
         finally:
             stop_progress(c)
-        _render(result, as_json, quiet)
+        _render(result, as_json, quiet, jsonl)
 
 
-def _render(report, as_json: bool, quiet: bool) -> None:
+def _render(report, as_json: bool, quiet: bool, jsonl: bool = False) -> None:
+    """stdout: the report (--json), the per-image records already streamed and nothing else (--jsonl), or
+    one ``metric<TAB>mean`` line per metric (default, -q); the tables on stderr unless -q."""
+    from rich.text import Text
+
     table = report.summary["metrics"]
     if as_json:
         _output.data(report.to_json())
-    else:
+    elif not jsonl:
         for name, row in table.items():
             _output.data(f"{name}\t{_num(row['mean'])}")
     if quiet:
@@ -108,8 +112,8 @@ def _render(report, as_json: bool, quiet: bool) -> None:
         t.add_column(col)
     for name, row in table.items():
         lo, hi = row["range"]
-        t.add_row(name, _num(row["mean"]), _num(row["std"]), str(row["n"]), "lower" if row["lower_better"] else
-                  "higher", f"[{_num(lo)}, {_num(hi)}]")
+        t.add_row(Text(name), _num(row["mean"]), _num(row["std"]), str(row["n"]), "lower" if row["lower_better"] else
+                  "higher", Text(f"[{_num(lo)}, {_num(hi)}]"))
     _output.err.print(t)
     subjects = report.summary.get("subjects") or {}
     if subjects:
@@ -120,13 +124,13 @@ def _render(report, as_json: bool, quiet: bool) -> None:
         for name in names:
             st.add_column(name)
         for subject, row in subjects.items():
-            st.add_row(subject, str(row["n_images"]), *(_num(row["metrics"][n]["mean"]) for n in names))
+            st.add_row(Text(subject), str(row["n_images"]), *(_num(row["metrics"][n]["mean"]) for n in names))
         _output.err.print(st)
     for g in report.summary.get("gates", []):
-        mark = "[red]FAIL[/red]" if g["failed"] else "[green]pass[/green]"
-        _output.err.print(f"{mark} {g['gate']}  ({g['values']})")
+        mark = Text("FAIL", style="red") if g["failed"] else Text("pass", style="green")
+        _output.err.print(Text.assemble(mark, f" {g['gate']}  ({g['values']})"))
     for w in report.warnings:
-        _output.err.print(f"[yellow]warning:[/yellow] {w}")
+        _output.warning(w)
 
 
 def _num(v) -> str:

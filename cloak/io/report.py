@@ -22,7 +22,39 @@ from cloak.io.images import write_bytes_atomic
 SCHEMA = "cloak.report/1"
 
 
-class ModelRecord(BaseModel):
+class _Readable:
+    """Read a record as a dict too (``report["summary"]``, ``item["status"]``), by its JSON field names."""
+
+    def _field(self, key: str) -> str:
+        for name, info in type(self).model_fields.items():
+            if key in (name, info.alias):
+                return name
+        if key in (self.__pydantic_extra__ or {}):
+            return key
+        raise KeyError(key)
+
+    def __getitem__(self, key: str) -> Any:
+        return getattr(self, self._field(key))
+
+    def __contains__(self, key: object) -> bool:
+        try:
+            self._field(key)  # type: ignore[arg-type]
+        except (KeyError, TypeError):
+            return False
+        return True
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self[key] if key in self else default
+
+    def keys(self) -> list[str]:
+        return list(self.model_dump(by_alias=True))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record as plain JSON types, as in ``report.json``."""
+        return self.model_dump(by_alias=True, mode="json")
+
+
+class ModelRecord(_Readable, BaseModel):
     role: str
     id: str
     path: str | None = None
@@ -31,7 +63,7 @@ class ModelRecord(BaseModel):
     stand_in: bool = False  # random weights: protects and measures nothing
 
 
-class ItemRecord(BaseModel):
+class ItemRecord(_Readable, BaseModel):
     model_config = ConfigDict(extra="allow")  # per-item figures (linf, lpips, metric values, ...)
     input: str | None = None
     output: str | None = None
@@ -40,7 +72,7 @@ class ItemRecord(BaseModel):
     error: str | None = None
 
 
-class Report(BaseModel):
+class Report(_Readable, BaseModel):
     schema_: str = Field(SCHEMA, alias="schema")
     cloak_version: str = __version__
     verb: str
