@@ -120,7 +120,7 @@ class Mist(ProtectMethod):
 
         steps = ctx.iters(o.steps)
         x0 = images.pixels.to(ctx.device)
-        streams = ImageStreams.for_images(images.pixels, ctx.generator)
+        streams = ImageStreams.for_images(images.pixels, ctx.seed)
         with ctx.progress.task(f"mist {o.mode}", steps * -(-len(x0) // o.batch_size)) as bar:
             run = per_image_pgd(x0, streams, objective, steps=steps, eps=o.eps_m11, alpha=o.alpha_m11, ascent=False,
                                 random_start=o.random_start, batch_size=o.batch_size, task=bar)

@@ -84,7 +84,7 @@ class PhotoGuard(ProtectMethod):
 
         steps = ctx.iters(o.steps)
         x0 = images.pixels.to(ctx.device)
-        streams = ImageStreams.for_images(images.pixels, ctx.generator)
+        streams = ImageStreams.for_images(images.pixels, ctx.seed)
         with ctx.progress.task("photoguard", steps * -(-len(x0) // o.batch_size)) as bar:
             run = per_image_pgd(x0, streams, distance, steps=steps, eps=o.eps_m11,
                                 alpha=step_schedule(o.alpha_m11, max(steps, 1)), ascent=False,
