@@ -16,7 +16,7 @@ from typing import Any
 from cloak._progress import Progress
 from cloak.config import Config, cache_dir as resolve_cache_dir, load_config
 from cloak.errors import InputError, OutputExistsError, PartialFailure, UsageError
-from cloak.io.report import ItemRecord, Report, Stopwatch, now_iso, versions
+from cloak.io.report import ItemRecord, Report, Stopwatch, merge_earlier, now_iso, versions
 from cloak.methods import RunContext, build_options
 
 log = logging.getLogger("cloak")
@@ -179,6 +179,11 @@ class VerbRun:
         )
 
     def finish(self, report: Report, out_dir: Path) -> Report:
+        if self.common.resume and not self.common.force:
+            # A resumed run reports the whole output, not only what it redid (a no-op resume must not
+            # turn every item into "skipped" and drop the earlier figures and stand-in warning).
+            report = merge_earlier(report, Path(out_dir) / "report.json")
+            self.items = report.items
         report.write(out_dir)
         failed = sum(1 for i in self.items if i.status == "failed")
         if failed:

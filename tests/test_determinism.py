@@ -77,3 +77,31 @@ def test_purify_resume_and_input_order_give_the_same_bytes(tmp_path, method):
     run_purify(shuffled, tmp_path / "shuffled-out", common=_purify_common(method))
     renamed = {k.split("-", 1)[1]: v for k, v in _bytes(tmp_path / "shuffled-out").items()}
     assert renamed == whole
+
+
+# --- resume keeps the earlier report ------------------------------------------------------------------
+
+def test_a_noop_resume_keeps_the_earlier_report(tmp_path):
+    images = write_images(tmp_path / "in", n=2, size=(32, 32))
+    out = tmp_path / "out"
+    first = json.loads(run_purify(images, out, common=_purify_common("diffpure")).to_json())
+    assert first["summary"]["stand_in"] is True and first["summary"]["ok"] == 2
+
+    again = json.loads(run_purify(images, out, common=_purify_common("diffpure", resume=True)).to_json())
+    on_disk = json.loads((out / "report.json").read_text())
+    assert on_disk == again
+    assert again["summary"]["ok"] == 2 and again["summary"]["skipped"] == 0
+    assert again["summary"]["stand_in"] is True and again["summary"]["kept_from_earlier"] == 2
+    assert any("stand-in" in w for w in again["warnings"])
+    assert {m["id"] for m in again["models"]} == {m["id"] for m in first["models"]}
+    for a, b in zip(first["items"], again["items"]):
+        assert b["kept_from"] == first["started"]
+        assert {k: v for k, v in b.items() if k != "kept_from"} == a
+    assert again["summary"]["seconds_per_image"] == first["summary"]["seconds_per_image"]
+
+    # A partial resume: the redone image gets this run's record, the other keeps the earlier one.
+    (out / "img1.png").unlink()
+    third = json.loads(run_purify(images, out, common=_purify_common("diffpure", resume=True)).to_json())
+    assert [i["status"] for i in third["items"]] == ["ok", "ok"]
+    assert "kept_from" in third["items"][0] and "kept_from" not in third["items"][1]
+    assert third["summary"]["kept_from_earlier"] == 1
