@@ -105,3 +105,41 @@ def test_a_noop_resume_keeps_the_earlier_report(tmp_path):
     assert [i["status"] for i in third["items"]] == ["ok", "ok"]
     assert "kept_from" in third["items"][0] and "kept_from" not in third["items"][1]
     assert third["summary"]["kept_from_earlier"] == 1
+
+
+# --- caches keyed by content --------------------------------------------------------------------------
+
+def test_class_images_follow_a_local_models_content_not_its_path(tmp_path, tiny_sd, shared_cache):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from cloak.diffusion.class_images import class_images, model_key
+    from cloak.models.handle import DIGEST_FILE, Models
+
+    local = tmp_path / "model"
+    shutil.copytree(tiny_sd.path, local, ignore=shutil.ignore_patterns(DIGEST_FILE))
+
+    def load(path):
+        models = Models(cache_dir=shared_cache, device="cpu", dtype=torch.float32)
+        return models, models.sd(str(path))
+
+    models, sd = load(local)
+    first = class_images(sd, "a photo of a person", 2, tmp_path / "cache", steps=2, resolution=32)
+    record = next(r for r in models.records() if r.path == str(local.resolve()))
+    assert record.sha256 == sd.digest and len(sd.digest) == 64  # the report names the local model's content
+    assert json.loads((local / DIGEST_FILE).read_text())["sha256"] == sd.digest
+
+    # The same content elsewhere: the same key, the cached images are reused.
+    moved = tmp_path / "moved"
+    shutil.copytree(local, moved)
+    assert model_key(load(moved)[1]) == model_key(sd)
+
+    # The folder replaced in place with other weights (as `immunize --force` does): new key, new images.
+    weights = next((local / "unet").glob("*.safetensors"))
+    state = load_file(weights)
+    save_file({k: v + 0.05 if v.is_floating_point() else v for k, v in state.items()}, weights)
+    _, changed = load(local)
+    assert changed.digest != sd.digest and model_key(changed) != model_key(sd)
+    second = class_images(changed, "a photo of a person", 2, tmp_path / "cache", steps=2, resolution=32)
+    assert not torch.equal(first, second)
+    assert len(list((tmp_path / "cache" / "class-images").iterdir())) == 2

@@ -19,10 +19,19 @@ log = logging.getLogger("cloak.diffusion")
 
 
 def model_key(sd) -> str:
-    """Stable key of the *unmodified* base model (its id, or a hash of its local path)."""
-    if "/" in sd.id or Path(sd.id).is_absolute():
+    """Key of the *unmodified* base model's content: its name and its content digest.
+
+    Never its path alone: a folder replaced in place (``immunize --force``) must not reuse what was
+    made from the old weights, and a moved or copied folder may reuse it.
+    """
+    local = "/" in sd.id or Path(sd.id).is_absolute()
+    name = "local" if local else sd.id
+    digest = getattr(sd, "digest", None)
+    if digest:
+        return f"{name}-{digest[:16]}"
+    if local:
         return "local-" + hashlib.sha1(str(Path(sd.path).resolve()).encode()).hexdigest()[:12]
-    return sd.id
+    return name
 
 
 def class_images(sd, prompt: str, n: int, cache_dir: Path, *, steps: int = 50, guidance: float = 7.5,

@@ -50,7 +50,8 @@ def surrogate_recipe(sd, clean_pixels: torch.Tensor, steps: int, cfg: DreamBooth
     """Everything a cached surrogate depends on (its key is the hash of this)."""
     config = asdict(cfg)
     config["betas"] = list(config["betas"])
-    return {"format": FORMAT, "base": model_key(sd), "base_path": str(Path(sd.path).resolve()),
+    # The base model by content (model_key), not by path: a folder replaced in place trains anew.
+    return {"format": FORMAT, "base": model_key(sd),
             "prediction_type": sd.prediction_type, "images_sha256": pixels_sha256(clean_pixels),
             "n_images": int(clean_pixels.shape[0]), "resolution": int(clean_pixels.shape[-1]), "steps": int(steps),
             "batch_size": int(batch_size), "n_class_images": int(n_class_images),
