@@ -143,3 +143,91 @@ def test_class_images_follow_a_local_models_content_not_its_path(tmp_path, tiny_
     second = class_images(changed, "a photo of a person", 2, tmp_path / "cache", steps=2, resolution=32)
     assert not torch.equal(first, second)
     assert len(list((tmp_path / "cache" / "class-images").iterdir())) == 2
+
+
+# --- class images: effort, sampler, reuse, --class-dir ------------------------------------------------
+
+def _ctx(tmp_path, *, effort=1.0, compat=False, **extras):
+    import torch
+
+    from cloak._progress import Progress
+    from cloak.methods import RunContext
+
+    return RunContext(models=None, model="tiny-sd", device=torch.device("cpu"), dtype=torch.float32, seed=0,
+                      generator=None, resolution=32, cache_dir=tmp_path / "cache", progress=Progress(),
+                      effort=effort, compat=compat, extras=dict(extras))
+
+
+def test_effort_scales_class_images_with_floors_and_compat_keeps_the_sampler(tmp_path):
+    from cloak.diffusion.class_images import class_image_plan
+
+    def plan(**kw):
+        p = class_image_plan(_ctx(tmp_path, **{k: v for k, v in kw.items() if k != "n"}), kw.get("n", 200), 50)
+        return p.count, p.steps, p.sampler
+
+    assert plan() == (200, 25, "dpm")  # [PROP] DPM-Solver++ at half the steps
+    assert plan(effort=0.5) == (100, 12, "dpm")
+    assert plan(effort=0.02) == (4, 10, "dpm")  # floors
+    assert plan(effort=0.02, n=2) == (2, 10, "dpm")  # a floor never adds images nobody asked for
+    assert plan(effort=3) == (200, 25, "dpm")  # never above what the method asked for
+    assert plan(compat=True) == (200, 50, "default")
+    assert plan(n=0) == (0, 25, "dpm")
+    assert class_image_plan(None, 7, 50).count == 7  # no run context: exactly as asked
+
+
+def test_class_images_are_reused_extended_and_recorded(tmp_path, tiny_sd, monkeypatch):
+    import torch
+
+    from cloak.diffusion import class_images as module
+
+    calls = []
+    real_generate = module.generate
+    monkeypatch.setattr(module, "generate", lambda pipe, prompt, seeds, **kw: (calls.append(list(seeds)),
+                                                                               real_generate(pipe, prompt, seeds,
+                                                                                             **kw))[1])
+    ctx = _ctx(tmp_path, effort=0.02)
+    first = module.class_images(tiny_sd, "a photo of person", 2, ctx.cache_dir, steps=4, ctx=ctx)
+    assert first.shape == (2, 3, 32, 32) and calls == [[0, 1]]
+    record = ctx.extras["class_images"][0]
+    assert record["count"] == 2 and record["steps"] == 2 and record["sampler"] == "dpm"
+    assert record["source"] == "generated" and record["requested_count"] == 2 and "PROP" in record["note"]
+
+    # Another method or verb asking for the same set: nothing generated, the same pixels.
+    other = _ctx(tmp_path, effort=0.02)
+    again = module.class_images(tiny_sd, "a photo of person", 2, other.cache_dir, steps=4, ctx=other)
+    assert calls == [[0, 1]] and torch.equal(first, again) and other.extras["class_images"][0]["source"] == "cache"
+    # More images later: only the missing seeds are generated; the first ones stay.
+    more = module.class_images(tiny_sd, "a photo of person", 3, other.cache_dir, steps=4, ctx=_ctx(tmp_path))
+    assert calls[-1] == [2] and torch.equal(more[:2], first)
+
+
+def test_class_dir_replaces_generation(tmp_path, tiny_sd, monkeypatch):
+    from cloak.diffusion import class_images as module
+
+    monkeypatch.setattr(module, "generate", lambda *a, **k: pytest.fail("nothing may be generated"))
+    own = write_images(tmp_path / "mine", n=3, size=(40, 40), seed=5)
+    ctx = _ctx(tmp_path, effort=1.0, class_dir=str(own))
+    pixels = module.class_images(tiny_sd, "a photo of person", 2, ctx.cache_dir, steps=50, ctx=ctx)
+    assert pixels.shape == (2, 3, 32, 32)
+    assert ctx.extras["class_images"][0]["source"] == "class-dir" and not ctx.warnings
+    module.class_images(tiny_sd, "a photo of person", 5, ctx.cache_dir, steps=50, ctx=ctx)
+    assert ctx.extras["class_images"][-1]["count"] == 3 and "holds 3 image(s)" in ctx.warnings[0]
+    assert not (ctx.cache_dir / "class-images").exists()
+
+
+def test_two_writers_filling_one_class_image_folder_both_succeed(tmp_path, tiny_sd):
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    from cloak.diffusion.class_images import class_images
+
+    def make(_):
+        ctx = _ctx(tmp_path, effort=0.02)
+        return class_images(tiny_sd, "a photo of a dog", 3, ctx.cache_dir, steps=4, ctx=ctx)
+
+    with ThreadPoolExecutor(2) as pool:
+        a, b = pool.map(make, range(2))
+    assert torch.equal(a, b)
+    folder = next((tmp_path / "cache" / "class-images").rglob("*-dpm-2st"))
+    assert sorted(p.name for p in folder.iterdir()) == ["0.png", "1.png", "2.png"]  # no temp file left
