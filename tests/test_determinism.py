@@ -231,3 +231,38 @@ def test_two_writers_filling_one_class_image_folder_both_succeed(tmp_path, tiny_
     assert torch.equal(a, b)
     folder = next((tmp_path / "cache" / "class-images").rglob("*-dpm-2st"))
     assert sorted(p.name for p in folder.iterdir()) == ["0.png", "1.png", "2.png"]  # no temp file left
+
+
+# --- attack sampling ----------------------------------------------------------------------------------
+
+def test_attack_resume_after_deleting_outputs_gives_the_same_bytes(tmp_path):
+    images = write_images(tmp_path / "in", n=2, size=(32, 32))
+    opts = {"steps": 1, "class_images": 0, "num_images": 5, "sample_steps": 2, "prompts": ["a photo of sks person"]}
+
+    def common(**kw):
+        return Common(method="dreambooth", tiny=True, seed=1, resolution=32, argv=[], options=dict(opts), **kw)
+
+    out = tmp_path / "out"
+    run_attack(images, out, common=common())
+    whole = _bytes(out / "gen")
+    assert len(whole) == 5
+    # Seed 2 alone is redone: it must still be computed in its batch of four, as the first time.
+    victim = next(k for k in whole if k.endswith("/2.png"))
+    (out / "gen" / victim).unlink()
+    report = run_attack(images, out, common=common(resume=True))
+    assert _bytes(out / "gen") == whole
+    assert report.summary["ok"] == 5 and report.summary["kept_from_earlier"] == 4
+
+
+def test_generate_returns_only_the_asked_seeds_in_their_fixed_batches(tiny_sd):
+    from cloak.diffusion.sampling import build_pipeline, generate
+
+    pipe = build_pipeline(tiny_sd)
+    kw = dict(steps=2, guidance=7.5, resolution=32, batch_size=4, all_seeds=list(range(5)))
+    full = generate(pipe, "a photo", list(range(5)), **kw)
+    seen = []
+    part = generate(pipe, "a photo", [4, 2], on_image=lambda i, a: seen.append(i), **kw)
+    assert [a.tobytes() for a in part] == [full[4].tobytes(), full[2].tobytes()]
+    assert sorted(seen) == [0, 1]
+    with pytest.raises(ValueError):
+        generate(pipe, "a photo", [7], **kw)

@@ -150,7 +150,7 @@ def _cached(sd, prompt, plan: ClassImagePlan, cache_dir: Path, guidance, resolut
                     progress(done, len(missing))
 
             generate(pipe, prompt, missing, steps=plan.steps, guidance=guidance, resolution=resolution,
-                     on_image=save, batch_size=batch_size)
+                     on_image=save, batch_size=batch_size, all_seeds=list(range(plan.count)))
         finally:
             if bar is not None:
                 bar.close()
