@@ -266,3 +266,27 @@ def test_generate_returns_only_the_asked_seeds_in_their_fixed_batches(tiny_sd):
     assert sorted(seen) == [0, 1]
     with pytest.raises(ValueError):
         generate(pipe, "a photo", [7], **kw)
+
+
+# --- protect, per-image methods ---------------------------------------------------------------------
+
+def _protect(cli, src: Path, out: Path, *args) -> dict:
+    r = cli("protect", "--tiny", "-q", "--json", "--method", "mist", "--steps", "3", *args, src, out)
+    assert r.exit_code == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def test_mist_resume_and_input_order_give_the_same_bytes(cli, tmp_path):
+    images = write_images(tmp_path / "in", n=3)
+    _protect(cli, images, tmp_path / "all", "-o", "batch_size=1")
+    whole = _bytes(tmp_path / "all")
+    (tmp_path / "all" / "img0.png").unlink()
+    _protect(cli, images, tmp_path / "all", "-o", "batch_size=1", "--resume")
+    assert _bytes(tmp_path / "all") == whole
+
+    shuffled = tmp_path / "shuffled"
+    shuffled.mkdir()
+    for i, name in enumerate(("img2.png", "img0.png", "img1.png")):
+        shutil.copy(images / name, shuffled / f"{chr(ord('c') - i)}-{name}")
+    _protect(cli, shuffled, tmp_path / "shuffled-out", "-o", "batch_size=1", "--seed", "0")
+    assert {k.split("-", 1)[1]: v for k, v in _bytes(tmp_path / "shuffled-out").items()} == whole
