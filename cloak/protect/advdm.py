@@ -30,8 +30,10 @@ class AdvDMOptions(BudgetOptions):
     steps: int = Field(100, ge=0, description="PGD steps, one fresh (t, ε) draw per image each")
     random_start: bool = Field(True, description="start from a uniform random point of the ε-ball")
     prompt: str = Field("a photo of sks person", description="text condition c of the denoising loss")
-    batch_size: int = Field(4, ge=1, description="images per forward pass (speed and memory only: each image "
-                                                 "has its own random stream)")
+    batch_size: int = Field(4, ge=1, description="images per forward pass. Each image draws from its own random "
+                            "stream, but batched kernels round differently from single ones and the sign step "
+                            "can amplify that into a few levels: only batch_size=1 gives bytes that never depend "
+                            "on the other images (their order, --resume)")
 
 
 class AdvDM(ProtectMethod):

@@ -37,7 +37,10 @@ class PhotoGuardOptions(BudgetOptions):
     target_image: str | None = Field(None, description="target image (same as --target-image); its latent mean "
                                                        "is the target")
     random_start: bool = Field(True, description="start from a uniform random point of the ε-ball (as released)")
-    batch_size: int = Field(4, ge=1, description="images per forward pass (speed and memory only)")
+    batch_size: int = Field(4, ge=1, description="images per forward pass. Each image draws from its own random "
+                            "stream, but batched kernels round differently from single ones and the sign step "
+                            "can amplify that into a few levels: only batch_size=1 gives bytes that never depend "
+                            "on the other images (their order, --resume)")
 
 
 def step_schedule(alpha: float, steps: int):
