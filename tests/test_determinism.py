@@ -290,3 +290,29 @@ def test_mist_resume_and_input_order_give_the_same_bytes(cli, tmp_path):
         shutil.copy(images / name, shuffled / f"{chr(ord('c') - i)}-{name}")
     _protect(cli, shuffled, tmp_path / "shuffled-out", "-o", "batch_size=1", "--seed", "0")
     assert {k.split("-", 1)[1]: v for k, v in _bytes(tmp_path / "shuffled-out").items()} == whole
+
+
+def test_class_dir_flag_reaches_the_run_context_and_the_report(cli, tmp_path, monkeypatch):
+    from cloak._verb import VerbRun
+    from cloak.attack import ATTACK
+    from cloak.errors import InputError
+
+    own = write_images(tmp_path / "mine", n=2)
+    seen = {}
+
+    def fake_attack(input_dir, output_dir, *, common, **kw):
+        seen["class_dir"] = common.class_dir
+        raise InputError("stop here")
+
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module("cloak.attack.run"), "run_attack", fake_attack)
+    r = cli("attack", "--tiny", "--class-dir", own, tmp_path / "in", tmp_path / "out")
+    assert r.exit_code == 3 and seen["class_dir"] == str(own)
+
+    run = VerbRun("attack", ATTACK, Common(tiny=True, class_dir=str(own), argv=[]), "dreambooth", "sd21-base")
+    ctx = run.context()
+    assert ctx.extras["class_dir"] == str(own) and run.params["class_dir"] == {"value": str(own), "source": "flag"}
+    with pytest.raises(InputError, match="not a directory"):
+        VerbRun("attack", ATTACK, Common(tiny=True, class_dir=str(tmp_path / "nope"), argv=[]), "dreambooth",
+                "sd21-base").context()
