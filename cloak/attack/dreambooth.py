@@ -106,9 +106,8 @@ class DreamBooth(AttackMethod):
         """What determines the trained weights: a checkpoint made under anything else is not resumed."""
         sampling_only = set(GenerationOptions.model_fields) | {"checkpoint_every"}
         ctx = self.ctx
-        return {"method": self.name, "model": sd.id, "model_digest": sd.digest, "seed": ctx.seed, "compat": ctx.compat,
-                "steps": steps,
-                "dtype": str(ctx.dtype), "inputs": [item.sha256 for item in images.items],
+        return {"method": self.name, "model": sd.id, "model_digest": sd.digest, "seed": ctx.seed,
+                "compat": ctx.compat, "steps": steps, "dtype": str(ctx.dtype), "inputs": [item.sha256 for item in images.items],
                 "options": {k: v for k, v in self.opts.model_dump(mode="json").items() if k not in sampling_only}}
 
     def config(self) -> DreamBoothConfig:
