@@ -6,7 +6,8 @@ its position in the set and on how many images came before it: protecting a fold
 one of its files alone would give different perturbations, and ``--resume`` would change results.
 So each image gets its own CPU generator, seeded from ``--seed`` and the image's own 8-bit pixels
 (:func:`per_item_generator`): the stream follows the image, not its position, its batch or the shape
-bucket it was run in, and not what the run drew before. Batches only share the forward pass; the objective is a sum of per-image terms, so
+bucket it was run in, and not what the run drew before. Batches only share the forward pass; the
+objective is a sum of per-image terms, so
 each image's gradient is its own. What remains batch-dependent is floating-point rounding inside
 batched kernels, which the sign step can occasionally amplify into a flipped pixel.
 """

@@ -91,7 +91,8 @@ def merge_earlier(report: Report, path: Path) -> Report:
     for item in report.items:
         before = done.get(item.output) if item.status == "skipped" else None
         if before is not None:
-            item = ItemRecord(**{**before.model_dump(), "kept_from": before.model_extra.get("kept_from") or earlier.started})
+            kept_from = before.model_extra.get("kept_from") or earlier.started
+            item = ItemRecord(**{**before.model_dump(), "kept_from": kept_from})
             kept += 1
         items.append(item)
     if not kept:
