@@ -7,9 +7,9 @@ one of its files alone would give different perturbations, and ``--resume`` woul
 So each image gets its own CPU generator, seeded from ``--seed`` and the image's own 8-bit pixels
 (:func:`per_item_generator`): the stream follows the image, not its position, its batch or the shape
 bucket it was run in, and not what the run drew before. Batches only share the forward pass; the
-objective is a sum of per-image terms, so
-each image's gradient is its own. What remains batch-dependent is floating-point rounding inside
-batched kernels, which the sign step can occasionally amplify into a flipped pixel.
+objective is a sum of per-image terms, so each image's gradient is its own. What remains
+batch-dependent is floating-point rounding inside batched kernels, which the sign step can amplify
+into a few changed levels: only ``batch_size=1`` is byte-identical whatever the other images are.
 """
 
 from __future__ import annotations
