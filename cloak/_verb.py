@@ -18,7 +18,7 @@ from cloak.config import Config, cache_dir as resolve_cache_dir, load_config
 from cloak.errors import InputError, OutputExistsError, PartialFailure, UsageError
 from cloak.io.images import input_files
 from cloak.io.output import claim_output
-from cloak.io.report import ItemRecord, Report, Stopwatch, now_iso, versions
+from cloak.io.report import ItemRecord, Report, Stopwatch, merge_earlier, now_iso, versions
 from cloak.methods import RunContext, build_options
 
 log = logging.getLogger("cloak")
@@ -49,6 +49,7 @@ class Common:
     compat: bool = False
     config: str | Config | None = None
     cache_dir: str | None = None
+    class_dir: str | None = None  # --class-dir: the user's own class images for prior preservation
     argv: list[str] | None = None
     progress: Progress | None = None
     on_item: Callable[[dict], None] | None = None  # --jsonl
@@ -154,10 +155,18 @@ class VerbRun:
         self.models = Models(cache_dir=self.cache, device=device, dtype=dtype, tiny=self.common.tiny,
                              overrides=self.cfg.models)
         generator = torch.Generator("cpu").manual_seed(self.seed)
-        return RunContext(models=self.models, model=self.model, device=device, dtype=dtype, seed=self.seed,
-                          generator=generator, resolution=resolution or 0, cache_dir=self.cache,
-                          progress=self.common.progress or Progress(), effort=self.effort,
-                          compat=self.common.compat, ref=ref, extras=extras or {}, warnings=self.warnings)
+        extras = dict(extras or {})
+        class_dir = self.common.class_dir
+        if class_dir is not None:
+            self.params["class_dir"] = {"value": str(class_dir), "source": "flag"}
+            if not Path(class_dir).expanduser().is_dir():
+                raise InputError(f"--class-dir {class_dir} is not a directory")
+            extras["class_dir"] = str(Path(class_dir).expanduser())
+        self.ctx = RunContext(models=self.models, model=self.model, device=device, dtype=dtype, seed=self.seed,
+                              generator=generator, resolution=resolution or 0, cache_dir=self.cache,
+                              progress=self.common.progress or Progress(), effort=self.effort,
+                              compat=self.common.compat, ref=ref, extras=extras, warnings=self.warnings)
+        return self.ctx
 
     def model_resolution(self) -> int:
         """--resolution, or the model's native size (512 for SD, 64 for tiny-sd) read from its config."""
@@ -182,6 +191,10 @@ class VerbRun:
         if stand_ins:
             self.warnings.insert(0, STAND_IN_WARNING.format(ids=", ".join(stand_ins)))
         counts = {s: sum(1 for i in self.items if i.status == s) for s in ("ok", "failed", "skipped")}
+        ctx = getattr(self, "ctx", None)
+        if ctx is not None and ctx.extras.get("class_images"):
+            # What --effort, --class-dir and the sampler made of each method's class images.
+            summary = {"class_images": ctx.extras["class_images"], **summary}
         return Report(
             verb=self.verb, method=self.method_name, method_info=method_info or self.method_cls.info(),
             argv=self.common.argv if self.common.argv is not None else sys.argv, options=opts_record,
@@ -199,6 +212,11 @@ class VerbRun:
 
     def finish(self, report: Report, out_dir: Path) -> Report:
         try:
+            if self.common.resume and not self.common.force:
+                # A resumed run reports the whole output, not only what it redid (a no-op resume must not
+                # turn every item into "skipped" and drop the earlier figures and stand-in warning).
+                report = merge_earlier(report, Path(out_dir) / "report.json")
+                self.items = report.items
             report.write(out_dir)
         finally:
             self.release()

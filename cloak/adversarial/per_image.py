@@ -4,11 +4,12 @@ Per-image methods (AdvDM, PhotoGuard, Mist) run several images through the model
 speed. If every image drew its noise from one shared generator, image i's noise would depend on
 its position in the set and on how many images came before it: protecting a folder and protecting
 one of its files alone would give different perturbations, and ``--resume`` would change results.
-So each image gets its own CPU generator, seeded from one draw of the run's generator (``--seed``
-still decides everything) and from the image's own 8-bit pixels (the stream follows the image, not
-its position). Batches only share the forward pass; the objective is a sum of per-image terms, so
-each image's gradient is its own. What remains batch-dependent is floating-point rounding inside
-batched kernels, which the sign step can occasionally amplify into a flipped pixel.
+So each image gets its own CPU generator, seeded from ``--seed`` and the image's own 8-bit pixels
+(:func:`per_item_generator`): the stream follows the image, not its position, its batch or the shape
+bucket it was run in, and not what the run drew before. Batches only share the forward pass; the
+objective is a sum of per-image terms, so each image's gradient is its own. What remains
+batch-dependent is floating-point rounding inside batched kernels, which the sign step can amplify
+into a few changed levels: only ``batch_size=1`` is byte-identical whatever the other images are.
 """
 
 from __future__ import annotations
@@ -24,6 +25,27 @@ from cloak.adversarial.pgd import project
 _MASK63 = (1 << 63) - 1
 
 
+def pixels_key(pixels: torch.Tensor) -> bytes:
+    """An image's identity for its random stream: sha256 of its 8-bit levels and shape (3×H×W in [-1,1])."""
+    levels = ((pixels.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).contiguous()
+    digest = hashlib.sha256(repr(tuple(levels.shape)).encode())
+    digest.update(levels.numpy().tobytes())
+    return digest.digest()
+
+
+def per_item_generator(seed: int, key: bytes | str, *, device="cpu") -> torch.Generator:
+    """The random stream of one item: a generator seeded from (run seed, item identity).
+
+    Every per-item method draws an item's randomness from this, never from one stream shared by the
+    items, so a result does not depend on the order of the items, on how they are batched, or on
+    which were skipped by ``--resume``. ``key`` is the item's identity (its content hash, or a name
+    such as ``"<prompt>/<seed>"``); the step is the position in the item's own stream.
+    """
+    key = key.encode() if isinstance(key, str) else bytes(key)
+    digest = hashlib.sha256(int(seed).to_bytes(8, "little", signed=True) + b"\0" + key).digest()
+    return torch.Generator(device).manual_seed(int.from_bytes(digest[:8], "little") & _MASK63)
+
+
 class ImageStreams:
     """One independent random stream per image (see the module docstring)."""
 
@@ -31,14 +53,12 @@ class ImageStreams:
         self.generators = generators
 
     @classmethod
-    def for_images(cls, pixels: torch.Tensor, generator: torch.Generator) -> ImageStreams:
-        root = int(torch.randint(0, _MASK63, (1,), generator=generator))
-        levels = ((pixels.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-        gens = []
-        for image in levels:
-            digest = hashlib.sha256(root.to_bytes(8, "little") + image.contiguous().numpy().tobytes()).digest()
-            gens.append(torch.Generator("cpu").manual_seed(int.from_bytes(digest[:8], "little") & _MASK63))
-        return cls(gens)
+    def for_images(cls, pixels: torch.Tensor, seed: int) -> ImageStreams:
+        """One stream per image of ``pixels`` (B×3×H×W), from ``seed`` and the image's content."""
+        if isinstance(seed, torch.Generator):
+            raise TypeError("ImageStreams.for_images takes the run's seed (ctx.seed), not a generator: a draw "
+                            "from a shared generator would depend on what was drawn before")
+        return cls([per_item_generator(seed, pixels_key(image)) for image in pixels])
 
     def __len__(self) -> int:
         return len(self.generators)

@@ -144,8 +144,10 @@ def run_attack(input_dir, output_dir, *, ref: str | None = None, prompts: list[s
                     run.add_item({"output": str(path), "status": "ok", "prompt": prompt, "seed": seeds[i],
                                   **cond.record})
 
-                generate(pipe, prompt + suffix, seeds, steps=opts.sample_steps, guidance=guidance,
-                         resolution=resolution, negative_prompt=negative, on_image=save, **cond.pipe_kwargs)
+                if seeds:  # fixed batches over all seeds: a resumed image has the bytes it would have had
+                    generate(pipe, prompt + suffix, seeds, steps=opts.sample_steps, guidance=guidance,
+                             resolution=resolution, negative_prompt=negative, on_image=save,
+                             all_seeds=list(range(opts.num_images)), **cond.pipe_kwargs)
     summary["sample_seconds_per_image"] = round(clock.seconds() / count, 4) if count else None
     summary["prompts"] = {slug(p): p for p in opts.prompts}
     summary["sampling"] = {"sampler": opts.sampler, "steps": opts.sample_steps, "guidance": guidance,

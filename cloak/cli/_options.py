@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -33,6 +34,10 @@ ConfigOpt = Annotated[Optional[str], typer.Option("--config", help="cloak.toml t
                                                   "then $XDG_CONFIG_HOME/cloak/cloak.toml).", rich_help_panel=_RUN)]
 CacheOpt = Annotated[Optional[str], typer.Option("--cache-dir", help="Model cache [env CLOAK_CACHE_DIR].",
                                                  rich_help_panel=_RUN)]
+ClassDirOpt = Annotated[Optional[Path], typer.Option(
+    "--class-dir", help="Your own class images for prior preservation (as DreamBooth users do), instead of "
+    "generating them; the first N by name are used, N = the method's class_images scaled by --effort.",
+    rich_help_panel=_RUN)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print the full report as JSON on stdout.",
                                        rich_help_panel=_OUT)]
 JsonlOpt = Annotated[bool, typer.Option("--jsonl", help="Print one JSON record per item on stdout as it finishes.",

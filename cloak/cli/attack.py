@@ -62,6 +62,7 @@ def register(app: typer.Typer) -> None:
         compat: O.CompatOpt = False,
         config: O.ConfigOpt = None,
         cache_dir: O.CacheOpt = None,
+        class_dir: O.ClassDirOpt = None,
         as_json: O.JsonOpt = False,
         jsonl: O.JsonlOpt = False,
         quiet: O.QuietOpt = False,
@@ -74,7 +75,8 @@ def register(app: typer.Typer) -> None:
 
         c = common(method=method, model=model, tiny=tiny, effort=effort, resolution=resolution, seed=seed,
                    device=device, dtype=dtype, option=option, force=force, resume=resume, keep_going=keep_going,
-                   compat=compat, config=config, cache_dir=cache_dir, quiet=quiet, verbose=verbose, jsonl=jsonl)
+                   compat=compat, config=config, cache_dir=cache_dir, class_dir=class_dir, quiet=quiet,
+                   verbose=verbose, jsonl=jsonl)
         execute(c, lambda: run_attack(input_dir, output_dir, ref=str(ref) if ref else None, prompts=prompt or None,
                                       num_images=num_images, sample_steps=sample_steps, guidance=guidance,
                                       negative_prompt=negative_prompt, sampler=sampler, steps=steps,

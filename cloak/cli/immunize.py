@@ -69,6 +69,7 @@ def register(app: typer.Typer) -> None:
         compat: O.CompatOpt = False,
         config: O.ConfigOpt = None,
         cache_dir: O.CacheOpt = None,
+        class_dir: O.ClassDirOpt = None,
         as_json: O.JsonOpt = False,
         jsonl: O.JsonlOpt = False,
         quiet: O.QuietOpt = False,
@@ -82,7 +83,7 @@ def register(app: typer.Typer) -> None:
 
         c = common(method=method, model=model, tiny=tiny, effort=effort, resolution=resolution, seed=seed,
                    device=device, dtype=dtype, option=option, force=force, resume=resume, compat=compat,
-                   config=config, cache_dir=cache_dir, quiet=quiet, verbose=verbose, jsonl=jsonl)
+                   config=config, cache_dir=cache_dir, class_dir=class_dir, quiet=quiet, verbose=verbose, jsonl=jsonl)
         execute(c, lambda: run_immunize(input_dir, output_dir, safe=str(safe) if safe else None,
                                         checkpoint_every=checkpoint_every, common=c),
                 output_dir, as_json=as_json, jsonl=jsonl, quiet=quiet)

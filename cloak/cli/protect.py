@@ -63,6 +63,7 @@ def register(app: typer.Typer) -> None:
         compat: O.CompatOpt = False,
         config: O.ConfigOpt = None,
         cache_dir: O.CacheOpt = None,
+        class_dir: O.ClassDirOpt = None,
         as_json: O.JsonOpt = False,
         jsonl: O.JsonlOpt = False,
         quiet: O.QuietOpt = False,
@@ -77,7 +78,8 @@ def register(app: typer.Typer) -> None:
         c = common(method=method, model=model, tiny=tiny, effort=effort, resolution=resolution, seed=seed,
                    device=device, dtype=dtype, option=option, force=force, resume=resume, keep_going=keep_going,
                    keep_metadata=keep_metadata,
-                   compat=compat, config=config, cache_dir=cache_dir, quiet=quiet, verbose=verbose, jsonl=jsonl)
+                   compat=compat, config=config, cache_dir=cache_dir, class_dir=class_dir, quiet=quiet,
+                   verbose=verbose, jsonl=jsonl)
         execute(c, lambda: run_protect(input_dir, output_dir, ref=str(ref) if ref else None, eps=eps,
                                        eps_unit=eps_unit, steps=steps, common=c,
                                        target_image=str(target_image) if target_image else None),

@@ -63,17 +63,30 @@ def generate(
     resolution: int,
     negative_prompt: str | None = None,
     batch_size: int = 4,
+    all_seeds: list[int] | None = None,
     on_image: Callable[[int, np.ndarray], None] | None = None,
     **pipe_kwargs,
 ) -> list[np.ndarray]:
     """One uint8 H×W×3 image per seed (seed i → ``torch.Generator().manual_seed(i)``), batched.
 
-    ``pipe_kwargs`` go to every pipeline call unchanged (e.g. ``ip_adapter_image_embeds``: one
-    embedding per adapter, which the pipeline repeats over the batch).
+    Every draw of an image comes from its own seed's generator. Batched kernels still round
+    differently at different batch sizes, so with ``all_seeds`` (the run's whole seed list) the
+    batches are fixed slices of it: an image is always computed with the same batch-mates, whichever
+    of them were asked for (``--resume`` after deleting some outputs gives the same bytes). A batch
+    runs when any of its seeds is asked for; only the seeds asked for are returned and reported to
+    ``on_image(i, image)`` (i: index into ``seeds``). ``pipe_kwargs`` go to every pipeline call
+    unchanged (e.g. ``ip_adapter_image_embeds``: one embedding per adapter, repeated over the batch).
     """
-    images: list[np.ndarray] = []
-    for start in range(0, len(seeds), batch_size):
-        chunk = seeds[start:start + batch_size]
+    wanted = {int(s): i for i, s in enumerate(seeds)}
+    order = [int(s) for s in (all_seeds if all_seeds is not None else seeds)]
+    missing = set(wanted) - set(order)
+    if missing:
+        raise ValueError(f"seeds {sorted(missing)} are not in all_seeds")
+    chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    by_seed: dict[int, np.ndarray] = {}
+    for chunk in chunks:
+        if not any(s in wanted for s in chunk):
+            continue
         gens = [torch.Generator("cpu").manual_seed(int(s)) for s in chunk]
         device = pipe.unet.device
         # Initial latents drawn on CPU per seed: the same image on every device for a given seed.
@@ -84,12 +97,14 @@ def generate(
             num_inference_steps=steps, guidance_scale=guidance, height=resolution, width=resolution,
             generator=gens, latents=latents, output_type="np", **pipe_kwargs,
         ).images
-        for i, img in enumerate(out):
+        for s, img in zip(chunk, out):
+            if s not in wanted:
+                continue  # a batch-mate computed only so that the others keep their batch
             arr = (np.clip(img, 0, 1) * 255).round().astype(np.uint8)
-            images.append(arr)
+            by_seed[s] = arr
             if on_image:
-                on_image(start + i, arr)
-    return images
+                on_image(wanted[s], arr)
+    return [by_seed[int(s)] for s in seeds]
 
 
 def slug(text: str, limit: int = 60) -> str:

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from cloak.diffusion.class_images import class_images, model_key
+from cloak.diffusion.class_images import class_image_plan, class_images, model_key
 from cloak.diffusion.dreambooth import DreamBoothConfig, DreamBoothTrainer
 from cloak.diffusion.loss import LatentCache
 
@@ -50,7 +50,8 @@ def surrogate_recipe(sd, clean_pixels: torch.Tensor, steps: int, cfg: DreamBooth
     """Everything a cached surrogate depends on (its key is the hash of this)."""
     config = asdict(cfg)
     config["betas"] = list(config["betas"])
-    return {"format": FORMAT, "base": model_key(sd), "base_path": str(Path(sd.path).resolve()),
+    # The base model by content (model_key), not by path: a folder replaced in place trains anew.
+    return {"format": FORMAT, "base": model_key(sd),
             "prediction_type": sd.prediction_type, "images_sha256": pixels_sha256(clean_pixels),
             "n_images": int(clean_pixels.shape[0]), "resolution": int(clean_pixels.shape[-1]), "steps": int(steps),
             "batch_size": int(batch_size), "n_class_images": int(n_class_images),
@@ -115,9 +116,15 @@ def cached_dreambooth(ctx, sd, clean_pixels: torch.Tensor, steps: int, cfg: Drea
     """
     seed = ctx.seed if seed is None else int(seed)
     use_prior = n_class_images > 0 and cfg.prior_weight > 0
+    # The class images this run really uses (--effort, the fast sampler, --class-dir) key the recipe.
+    plan = class_image_plan(ctx, n_class_images, class_image_steps)
     recipe = surrogate_recipe(sd, clean_pixels, steps, cfg, batch_size=batch_size,
-                              n_class_images=n_class_images if use_prior else 0,
-                              class_image_steps=class_image_steps if use_prior else 0, seed=seed)
+                              n_class_images=plan.count if use_prior else 0,
+                              class_image_steps=plan.steps if use_prior else 0, seed=seed)
+    if use_prior:
+        recipe["class_sampler"] = plan.sampler
+        if plan.class_dir:
+            recipe["class_dir"] = str(Path(plan.class_dir).resolve())
     key = recipe_key(recipe)
     folder = Path(ctx.cache_dir) / "surrogates" / model_key(sd) / key
     started = time.perf_counter()
@@ -132,7 +139,7 @@ def cached_dreambooth(ctx, sd, clean_pixels: torch.Tensor, steps: int, cfg: Drea
         class_latents = None
         if use_prior:
             cls = class_images(sd, cfg.class_prompt, n_class_images, ctx.cache_dir, steps=class_image_steps,
-                               resolution=ctx.resolution or clean_pixels.shape[-1])
+                               resolution=ctx.resolution or clean_pixels.shape[-1], ctx=ctx)
             class_latents = LatentCache.encode(sd.vae, cls.to(ctx.device, sd.vae.dtype))
         instances = LatentCache.encode(sd.vae, clean_pixels.to(ctx.device, sd.vae.dtype))
         trainer = DreamBoothTrainer(sd, unet, text_encoder, cfg, class_latents=class_latents, generator=gen)

@@ -260,7 +260,7 @@ class Apdm(ImmunizeMethod):
         self.classes = None
         if o.class_images > 0 and o.prior_weight > 0:
             cls = class_images(sd, self.class_prompt, o.class_images, ctx.cache_dir, steps=o.class_image_steps,
-                               resolution=resolution)
+                               resolution=resolution, ctx=ctx)
             self.classes = encode(cls)
         with torch.no_grad():  # the text encoder is frozen: encode both prompts once
             self.c = encode_prompts(sd.tokenizer, sd.text_encoder, [self.instance_prompt]).float()

@@ -103,6 +103,45 @@ class Report(_Readable, BaseModel):
         return path
 
 
+def merge_earlier(report: Report, path: Path) -> Report:
+    """A resumed run's report, merged with the report of the run it resumed (``path``).
+
+    Items this run skipped because an earlier run had made them keep that run's record (figures,
+    seconds; ``kept_from`` names the earlier run's start), the earlier run's models and warnings stay
+    (a stand-in warning is never lost), and summary figures this run could not compute (``None`` or
+    absent: nothing was done) keep their earlier values. Counts are recomputed over the merged items.
+    An unreadable earlier report, or one of another verb, is ignored.
+    """
+    try:
+        earlier = Report.model_validate(json.loads(Path(path).read_text(encoding="utf-8")))
+    except (OSError, ValueError):
+        return report
+    if earlier.verb != report.verb:
+        return report
+    done = {item.output: item for item in earlier.items if item.status == "ok" and item.output}
+    items, kept = [], 0
+    for item in report.items:
+        before = done.get(item.output) if item.status == "skipped" else None
+        if before is not None:
+            kept_from = before.model_extra.get("kept_from") or earlier.started
+            item = ItemRecord(**{**before.model_dump(), "kept_from": kept_from})
+            kept += 1
+        items.append(item)
+    if not kept:
+        return report
+    roles = {(m.role, m.id) for m in report.models}
+    models = report.models + [m for m in earlier.models if (m.role, m.id) not in roles]
+    warnings = report.warnings + [w for w in earlier.warnings if w not in report.warnings]
+    summary = dict(report.summary)
+    for key, value in earlier.summary.items():
+        if summary.get(key) is None:
+            summary[key] = value
+    summary.update({s: sum(1 for i in items if i.status == s) for s in ("ok", "failed", "skipped")})
+    summary["stand_in"] = bool(report.summary.get("stand_in")) or any(m.stand_in for m in models)
+    summary["kept_from_earlier"] = kept
+    return report.model_copy(update={"items": items, "models": models, "warnings": warnings, "summary": summary})
+
+
 def versions() -> dict[str, str]:
     found = {"python": platform.python_version(), "cloak": __version__}
     for mod in ("torch", "diffusers", "transformers", "numpy", "PIL"):

@@ -52,6 +52,7 @@ class SDModel:
     device: torch.device
     dtype: torch.dtype
     _prompt_cache: dict = field(default_factory=dict, repr=False)
+    digest: str | None = None  # content digest of the model directory (content_digest); caches key on it
 
     @property
     def vae_scale_factor(self) -> int:
@@ -76,6 +77,71 @@ class SDModel:
         return unet, text_encoder
 
 
+DIGEST_FILE = "cloak_digest.json"
+_DIGEST_FORMAT = 1
+
+
+def _component_files(path: Path) -> list[Path]:
+    """The files that make a diffusers model: model_index.json and every file of its component folders.
+
+    Top-level notes (cloak_model.json, report.json, this digest) and hidden files are not the model.
+    """
+    files = [path / "model_index.json"] if (path / "model_index.json").is_file() else []
+    for sub in sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        files += sorted(f for f in sub.rglob("*") if f.is_file() and
+                        not any(part.startswith(".") for part in f.relative_to(path).parts))
+    return files
+
+
+def content_digest(path: Path) -> str:
+    """sha256 of a model directory's content (weights and configs), whatever its path.
+
+    Hashing gigabytes takes seconds, so each file's sha256 is stored with its size and mtime in
+    ``<dir>/cloak_digest.json`` and only files whose size or mtime changed are hashed again (a folder
+    replaced by ``immunize --force`` gets new mtimes, hence a new digest). A read-only folder is
+    hashed each time. The digest is the sha256 of the sorted (relative path, file sha256) list.
+    """
+    import hashlib
+    import os
+    import tempfile
+
+    path = Path(path)
+    stored_path = path / DIGEST_FILE
+    try:
+        stored = json.loads(stored_path.read_text(encoding="utf-8"))
+        known = stored.get("files", {}) if stored.get("format") == _DIGEST_FORMAT else {}
+    except (OSError, ValueError, AttributeError):
+        known = {}
+    files: dict[str, dict[str, Any]] = {}
+    for f in _component_files(path):
+        st = f.stat()
+        rel = f.relative_to(path).as_posix()
+        entry = known.get(rel)
+        if not (isinstance(entry, dict) and entry.get("size") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns
+                and isinstance(entry.get("sha256"), str)):
+            h = hashlib.sha256()
+            with open(f, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    h.update(block)
+            entry = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": h.hexdigest()}
+        files[rel] = entry
+    digest = hashlib.sha256(json.dumps({k: v["sha256"] for k, v in files.items()}, sort_keys=True).encode()).hexdigest()
+    if files != known:
+        record = {"format": _DIGEST_FORMAT, "sha256": digest, "files": files}
+        try:  # atomic: a concurrent writer computes the same content
+            fd, tmp = tempfile.mkstemp(prefix=f".{DIGEST_FILE}.", dir=path)
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                json.dump(record, handle, indent=1)
+            os.replace(tmp, stored_path)
+        except OSError as exc:
+            log.debug("cannot store %s (%s); the digest is recomputed next time", stored_path, exc)
+            try:
+                os.unlink(tmp)
+            except (OSError, UnboundLocalError):
+                pass
+    return digest
+
+
 def looks_like_local_model(value: str) -> bool:
     path = Path(value).expanduser()
     return path.is_dir() and ((path / "model_index.json").is_file() or (path / "unet").is_dir())
@@ -98,6 +164,14 @@ class Models:
         self.overrides = overrides or {}
         self._memo: dict[tuple, Any] = {}
         self._records: dict[tuple[str, str], ModelRecord] = {}
+        self._digests: dict[Path, str] = {}
+
+    def digest(self, path: Path) -> str:
+        """The content digest of a model directory (see :func:`content_digest`), once per run."""
+        path = Path(path)
+        if path not in self._digests:
+            self._digests[path] = content_digest(path)
+        return self._digests[path]
 
     # --- resolution -----------------------------------------------------------------------------
     def resolve(self, id_or_path: str, role: str) -> tuple[str, Path, bool]:
@@ -106,7 +180,8 @@ class Models:
             path = Path(id_or_path).expanduser().resolve()
             builtin = path / "cloak_builtin.json"
             stand_in = builtin.is_file() or (path / "cloak_model.json").is_file() and _stand_in_flag(path)
-            self._record(role, str(path), path, None, stand_in)
+            # A local folder can be replaced in place: the report names its content, not only its path.
+            self._record(role, str(path), path, self.digest(path), stand_in)
             return str(path), path, stand_in
         if Path(id_or_path).expanduser().exists() and get_spec(id_or_path) is None:
             raise ModelUnavailableError(f"{id_or_path} is not a diffusers model directory (no model_index.json or unet/)")
@@ -182,7 +257,7 @@ class Models:
             module.eval()
             module.to(self.device, dtype=self.dtype)
         return SDModel(model_id, path, vae, unet, text_encoder, tokenizer, noise_scheduler, stand_in,
-                       self.device, self.dtype)
+                       self.device, self.dtype, digest=self.digest(path))
 
     def faces(self, role: str = "faces"):
         from cloak.models import faces

@@ -30,8 +30,10 @@ class AdvDMOptions(BudgetOptions):
     steps: int = Field(100, ge=0, description="PGD steps, one fresh (t, ε) draw per image each")
     random_start: bool = Field(True, description="start from a uniform random point of the ε-ball")
     prompt: str = Field("a photo of sks person", description="text condition c of the denoising loss")
-    batch_size: int = Field(4, ge=1, description="images per forward pass (speed and memory only: each image "
-                                                 "has its own random stream)")
+    batch_size: int = Field(4, ge=1, description="images per forward pass. Each image draws from its own random "
+                            "stream, but batched kernels round differently from single ones and the sign step "
+                            "can amplify that into a few levels: only batch_size=1 gives bytes that never depend "
+                            "on the other images (their order, --resume)")
 
 
 class AdvDM(ProtectMethod):
@@ -67,7 +69,7 @@ class AdvDM(ProtectMethod):
 
         steps = ctx.iters(o.steps)
         x0 = images.pixels.to(ctx.device)
-        streams = ImageStreams.for_images(images.pixels, ctx.generator)
+        streams = ImageStreams.for_images(images.pixels, ctx.seed)
         with ctx.progress.task("advdm", steps * -(-len(x0) // o.batch_size)) as bar:
             run = per_image_pgd(x0, streams, objective, steps=steps, eps=o.eps_m11, alpha=o.alpha_m11, ascent=True,
                                 random_start=o.random_start, batch_size=o.batch_size, task=bar)

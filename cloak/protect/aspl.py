@@ -233,7 +233,7 @@ class Aspl(ProtectMethod):
         if o.class_images <= 0 or o.prior_weight <= 0:
             return None
         cls = class_images(sd, o.class_prompt, o.class_images, ctx.cache_dir, steps=o.class_image_steps,
-                           resolution=ctx.resolution)
+                           resolution=ctx.resolution, ctx=ctx)
         return LatentCache.encode(sd.vae, cls.to(ctx.device, ctx.dtype))
 
     def surrogate_pair(self, sd, clean: torch.Tensor) -> tuple[DreamBoothTrainer, DreamBoothTrainer]:

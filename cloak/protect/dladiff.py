@@ -191,7 +191,7 @@ class DLADiff(ProtectMethod):
         class_latents = None
         if o.class_images > 0 and o.prior_weight > 0:
             cls = class_images(sd, o.class_prompt, o.class_images, ctx.cache_dir, steps=o.class_image_steps,
-                               resolution=ctx.resolution)
+                               resolution=ctx.resolution, ctx=ctx)
             class_latents = LatentCache.encode(sd.vae, cls.to(ctx.device, ctx.dtype))
         unet, text_encoder = sd.trainable_copy()
         trainer = DreamBoothTrainer(sd, unet, text_encoder, cfg, class_latents=class_latents, generator=ctx.generator)

@@ -50,7 +50,10 @@ class MistOptions(BudgetOptions):
     target_image: str | None = Field(None, description="target texture (same as --target-image); default: "
                                                        "cloak's own pattern")
     random_start: bool = Field(True, description="start from a uniform random point of the ε-ball (as released)")
-    batch_size: int = Field(4, ge=1, description="images per forward pass (speed and memory only)")
+    batch_size: int = Field(4, ge=1, description="images per forward pass. Each image draws from its own random "
+                            "stream, but batched kernels round differently from single ones and the sign step "
+                            "can amplify that into a few levels: only batch_size=1 gives bytes that never depend "
+                            "on the other images (their order, --resume)")
 
 
 class Mist(ProtectMethod):
@@ -120,7 +123,7 @@ class Mist(ProtectMethod):
 
         steps = ctx.iters(o.steps)
         x0 = images.pixels.to(ctx.device)
-        streams = ImageStreams.for_images(images.pixels, ctx.generator)
+        streams = ImageStreams.for_images(images.pixels, ctx.seed)
         with ctx.progress.task(f"mist {o.mode}", steps * -(-len(x0) // o.batch_size)) as bar:
             run = per_image_pgd(x0, streams, objective, steps=steps, eps=o.eps_m11, alpha=o.alpha_m11, ascent=False,
                                 random_start=o.random_start, batch_size=o.batch_size, task=bar)

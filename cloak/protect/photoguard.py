@@ -37,7 +37,10 @@ class PhotoGuardOptions(BudgetOptions):
     target_image: str | None = Field(None, description="target image (same as --target-image); its latent mean "
                                                        "is the target")
     random_start: bool = Field(True, description="start from a uniform random point of the ε-ball (as released)")
-    batch_size: int = Field(4, ge=1, description="images per forward pass (speed and memory only)")
+    batch_size: int = Field(4, ge=1, description="images per forward pass. Each image draws from its own random "
+                            "stream, but batched kernels round differently from single ones and the sign step "
+                            "can amplify that into a few levels: only batch_size=1 gives bytes that never depend "
+                            "on the other images (their order, --resume)")
 
 
 def step_schedule(alpha: float, steps: int):
@@ -84,7 +87,7 @@ class PhotoGuard(ProtectMethod):
 
         steps = ctx.iters(o.steps)
         x0 = images.pixels.to(ctx.device)
-        streams = ImageStreams.for_images(images.pixels, ctx.generator)
+        streams = ImageStreams.for_images(images.pixels, ctx.seed)
         with ctx.progress.task("photoguard", steps * -(-len(x0) // o.batch_size)) as bar:
             run = per_image_pgd(x0, streams, distance, steps=steps, eps=o.eps_m11,
                                 alpha=step_schedule(o.alpha_m11, max(steps, 1)), ascent=False,

@@ -12,6 +12,7 @@ from cloak.io.report import Report, Stopwatch
 def run_purify(input_dir, output_dir, *, common: Common | None = None, **kwargs) -> Report:
     import torch
 
+    from cloak.adversarial.per_image import per_item_generator, pixels_key
     from cloak.io.images import fit, input_files, load_pil, output_path, pil_to_tensor, source_metadata, write_png
     from cloak.purify import PURIFY
 
@@ -56,6 +57,9 @@ def run_purify(input_dir, output_dir, *, common: Common | None = None, **kwargs)
                     prepare_seconds = prep.seconds()
                     clock = Stopwatch()
                 method.record = {}  # per-image figures a method may add (faces restored, t*, ...)
+                # Each image's noise comes from its own stream (seed, its 8-bit pixels): its result does
+                # not depend on the other images, their order, or which ones --resume skipped.
+                ctx.generator = per_item_generator(run.seed, pixels_key(x[0]))
                 with torch.no_grad() if not getattr(method, "needs_grad", False) else _null():
                     y = method(x.to(ctx.device)).detach().float().cpu().clamp(-1, 1)
                 seconds = clock.seconds()
