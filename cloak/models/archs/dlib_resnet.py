@@ -25,7 +25,6 @@ tensors); nothing is unpickled or executed.
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,8 +38,10 @@ __all__ = [
     "DatFormatError",
     "DlibResNet",
     "INPUT_MEAN_RGB",
-    "read_dlib_net",
+    "extract_chips",
+    "face_chip_matrix",
     "load_dlib_resnet",
+    "read_dlib_net",
 ]
 
 CHIP_SIZE = 150
@@ -300,7 +301,6 @@ class DlibResNet(nn.Module):
             self._index.append(None if m is None else j)
             j += m is not None
         self.embedding_dim = channels
-        self._shortcut_channels: dict[int, int] = {}
 
     def forward(self, rgb255: Tensor) -> Tensor:
         x = (rgb255 - self.mean.to(rgb255.dtype)) / 256.0
@@ -380,3 +380,95 @@ def load_dlib_resnet(path: str | Path) -> DlibResNet:
     model = DlibResNet(input_mean=net.input_mean)
     model.load_records(net)
     return model.eval()
+
+
+# --- alignment: dlib's face chip as a differentiable resampling ---------------------------------------------------
+# get_face_chip_details' template: where dlib's 5 landmarks (outer/inner corner of one eye, of the other, nose
+# base) sit in a chip with no padding, as fractions of its side.
+FACE_TEMPLATE_5 = ((0.8595674595992, 0.2134981538014), (0.6460604764104, 0.2289674387677),
+                   (0.1205750620789, 0.2137274526848), (0.3340850613712, 0.2290642403242),
+                   (0.4901123135679, 0.6277975316475))
+
+
+def _similarity(src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Least-squares similarity transform src → dst (Umeyama 1991, eqs. 34–43, as dlib computes it)."""
+    mean_s, mean_d = src.mean(0), dst.mean(0)
+    cs, cd = src - mean_s, dst - mean_d
+    var_s = (cs ** 2).sum(1).mean()
+    cov = cd.T @ cs / len(src)
+    u, d, vt = np.linalg.svd(cov)
+    s = np.eye(2)
+    if np.linalg.det(cov) < 0 or (np.linalg.det(cov) == 0 and np.linalg.det(u) * np.linalg.det(vt) < 0):
+        s[1, 1] = -1 if d[1] < d[0] else 1
+        s[0, 0] = -1 if d[1] >= d[0] else 1
+    rot = u @ s @ vt
+    scale = np.trace(np.diag(d) @ s) / var_s if var_s != 0 else 1.0
+    return scale * rot, mean_d - scale * rot @ mean_s
+
+
+def face_chip_matrix(landmarks, size: int = CHIP_SIZE, padding: float = 0.25) -> np.ndarray:
+    """2×3 matrix taking chip pixel ``(column, row, 1)`` to image pixel ``(x, y)``, as dlib's ``get_face_chip``.
+
+    ``landmarks``: dlib's 5 points (5×2, x/y in pixels). dlib fits the similarity transform from the template
+    to the points, turns it into a rotated rectangle (``chip_details``: centre, side ``size·scale``, angle)
+    and samples the chip on that rectangle's corners, so the chip's corner pixels land on the rectangle's
+    corners (side − 1 between them); the same numbers are computed here in float64.
+    """
+    points = np.asarray(landmarks, dtype=np.float64).reshape(5, 2)
+    template = (padding + np.asarray(FACE_TEMPLATE_5)) / (2 * padding + 1) * size
+    a, t = _similarity(template, points)
+    scale = float(np.hypot(*a[:, 0]))
+    angle = float(np.arctan2(a[1, 0], a[0, 0]))
+    centre = a @ np.array([size / 2, size / 2]) + t
+    half = (size * scale - 1) / 2  # centered_drect: the rectangle spans side − 1 between corner pixels
+    cos, sin = np.cos(angle), np.sin(angle)
+    rot = np.array([[cos, -sin], [sin, cos]])
+    tl, tr, bl = (centre + rot @ np.array(corner) for corner in ((-half, -half), (half, -half), (-half, half)))
+    return np.stack([(tr - tl) / (size - 1), (bl - tl) / (size - 1), tl], axis=1)
+
+
+def chip_needs_pyramid(matrix: np.ndarray, size: int = CHIP_SIZE) -> bool:
+    """Whether dlib would cut this chip from a half-size image pyramid level (a face > ~2× the chip side)."""
+    side = np.hypot(*matrix[:, 0]) * (size - 1) + 1
+    return ((side - 1) / 2 + 1) ** 2 > size * size
+
+
+def extract_chips(x: Tensor, matrices, size: int = CHIP_SIZE) -> Tensor:
+    """Bilinear chips ``B×C×size×size`` of ``x`` (B×C×H×W) at the chip matrices (B×2×3), differentiable in ``x``.
+
+    Samples outside the image read 0, as in dlib. dlib rounds chip pixels down to uint8; this keeps them
+    continuous, so ``floor`` of a chip of a uint8 image is dlib's chip. Where dlib would first cut the chip from
+    a half-size image pyramid (faces larger than about twice the chip side), the image is Gaussian-blurred at
+    that scale instead: no aliasing, but not dlib's pyramid (descriptor distance to dlib's ≈ 0.04 for a face
+    3× the chip side).
+    """
+    matrices = torch.as_tensor(np.asarray(matrices), dtype=torch.float64)
+    chips = []
+    h, w = x.shape[-2:]
+    rows, cols = torch.meshgrid(torch.arange(size, dtype=torch.float64), torch.arange(size, dtype=torch.float64),
+                                indexing="ij")
+    chip_xy1 = torch.stack([cols, rows, torch.ones_like(cols)], -1)  # size×size×3
+    for i, m in enumerate(matrices):
+        img = x[i:i + 1]
+        xy = chip_xy1 @ m.T  # size×size×2 in image pixels
+        factor = 1  # dlib halves the image (pyramid) while the chip would be more than ~2× smaller than the face
+        while chip_needs_pyramid(m.numpy() / factor, size) and min(h, w) > 2 * size * factor:
+            factor *= 2
+        if factor > 1:  # antialias at the pyramid level's scale, then sample at full-resolution coordinates
+            img = _gaussian_blur(img, sigma=0.5 * factor)
+        grid = torch.stack([2 * xy[..., 0] / (w - 1) - 1, 2 * xy[..., 1] / (h - 1) - 1], -1)
+        chips.append(F.grid_sample(img, grid[None].to(x.dtype), mode="bilinear", padding_mode="zeros",
+                                   align_corners=True))
+    return torch.cat(chips)
+
+
+def _gaussian_blur(img: Tensor, sigma: float) -> Tensor:
+    radius = max(1, int(round(2.5 * sigma)))
+    taps = torch.arange(-radius, radius + 1, dtype=img.dtype, device=img.device)
+    kernel = torch.exp(-0.5 * (taps / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    c = img.shape[1]
+    img = F.conv2d(F.pad(img, (radius, radius, 0, 0), mode="replicate"), kernel.view(1, 1, 1, -1).repeat(c, 1, 1, 1),
+                   groups=c)
+    return F.conv2d(F.pad(img, (0, 0, radius, radius), mode="replicate"), kernel.view(1, 1, -1, 1).repeat(c, 1, 1, 1),
+                    groups=c)
