@@ -436,7 +436,7 @@ def chip_needs_pyramid(matrix: np.ndarray, size: int = CHIP_SIZE) -> bool:
 def extract_chips(x: Tensor, matrices, size: int = CHIP_SIZE) -> Tensor:
     """Bilinear chips ``B×C×size×size`` of ``x`` (B×C×H×W) at the chip matrices (B×2×3), differentiable in ``x``.
 
-    Samples outside the image read 0, as in dlib. dlib rounds chip pixels down to uint8; this keeps them
+    Chip pixels whose sample is not inside the image are 0, as in dlib. dlib rounds chip pixels down to uint8; this keeps them
     continuous, so ``floor`` of a chip of a uint8 image is dlib's chip. Where dlib would first cut the chip from
     a half-size image pyramid (faces larger than about twice the chip side), the image is Gaussian-blurred at
     that scale instead: no aliasing, but not dlib's pyramid (descriptor distance to dlib's ≈ 0.04 for a face
@@ -457,8 +457,10 @@ def extract_chips(x: Tensor, matrices, size: int = CHIP_SIZE) -> Tensor:
         if factor > 1:  # antialias at the pyramid level's scale, then sample at full-resolution coordinates
             img = _gaussian_blur(img, sigma=0.5 * factor)
         grid = torch.stack([2 * xy[..., 0] / (w - 1) - 1, 2 * xy[..., 1] / (h - 1) - 1], -1)
-        chips.append(F.grid_sample(img, grid[None].to(x.dtype), mode="bilinear", padding_mode="zeros",
-                                   align_corners=True))
+        chip = F.grid_sample(img, grid[None].to(x.dtype), mode="bilinear", padding_mode="zeros", align_corners=True)
+        # dlib leaves a chip pixel black unless all four pixels around its sample are inside the image.
+        inside = (xy[..., 0] >= 0) & (xy[..., 0] < w - 1) & (xy[..., 1] >= 0) & (xy[..., 1] < h - 1)
+        chips.append(chip * inside.to(chip.dtype))
     return torch.cat(chips)
 
 
