@@ -70,7 +70,8 @@ class DLADiffOptions(SurrogateOptions):
     zs_unit: Literal["m11", "01", "255"] = Field("255", description="unit of eps_zs and alpha_zs (255: 8 = 8/255)")
     zs_steps: int = Field(100, ge=0, description="layer 2 PGD steps")
     encoders: list[str] = Field(["arcface-irse50", "ip-adapter-image-encoder"],
-                                description="identity encoders attacked together (catalog ids)")
+                                description="identity encoders attacked together (catalog ids: arcface-irse50, "
+                                            "ip-adapter-image-encoder, dlib-resnet)")
     face_margin: float = Field(0.0, ge=0, description="square face box = longer detector side × (1 + margin)")
 
     @field_validator("layers", "encoders", mode="before")
@@ -106,7 +107,8 @@ class DLADiff(ProtectMethod):
         LABEL + ". The paper body was not available: the attention-loss form, layers, weights, budgets, step "
         "counts, encoder set and the composition of the two layers are proposals (protect.md §9). The ArcFace "
         "models of the spec's encoder set (insightface antelopev2 / buffalo_l) are ONNX graphs with no gradient "
-        "here; layer 2 attacks ArcFace IR-SE50 and IP-Adapter's CLIP image encoder instead. Clean reference set "
+        "here; layer 2 attacks ArcFace IR-SE50 and IP-Adapter's CLIP image encoder instead (or dlib-resnet, dlib's "
+        "face ResNet on real weights that install offline). Clean reference set "
         "(set A) from --ref; without it the input images stand in for it.")
     Options = DLADiffOptions
     proposals: ClassVar[tuple[str, ...]] = (

@@ -457,10 +457,11 @@ def extract_chips(x: Tensor, matrices, size: int = CHIP_SIZE) -> Tensor:
         if factor > 1:  # antialias at the pyramid level's scale, then sample at full-resolution coordinates
             img = _gaussian_blur(img, sigma=0.5 * factor)
         grid = torch.stack([2 * xy[..., 0] / (w - 1) - 1, 2 * xy[..., 1] / (h - 1) - 1], -1)
-        chip = F.grid_sample(img, grid[None].to(x.dtype), mode="bilinear", padding_mode="zeros", align_corners=True)
+        chip = F.grid_sample(img, grid[None].to(x.device, x.dtype), mode="bilinear", padding_mode="zeros",
+                             align_corners=True)
         # dlib leaves a chip pixel black unless all four pixels around its sample are inside the image.
         inside = (xy[..., 0] >= 0) & (xy[..., 0] < w - 1) & (xy[..., 1] >= 0) & (xy[..., 1] < h - 1)
-        chips.append(chip * inside.to(chip.dtype))
+        chips.append(chip * inside.to(x.device, chip.dtype))
     return torch.cat(chips)
 
 
