@@ -128,12 +128,13 @@ def test_differentiable_chip_matches_dlib_get_face_chip(name, reference):
     assert 1 <= len(touched) <= 4
 
 
-def test_dlib_encoder_aligns_like_dlib_and_embeds_like_dlib(files, reference):
+def test_dlib_encoder_aligns_like_dlib_and_embeds_like_dlib(tmp_path, reference):
     """The encoder DLADiff attacks: dlib landmarks on the clean image, chip, descriptor ≈ dlib's pipeline."""
     from cloak.models.encoders import load_identity_encoder
     from cloak.models.handle import Models
 
-    models = Models(cache_dir=files, device="cpu", dtype=torch.float32, tiny=True, overrides={})
+    # --tiny replaces nothing here: the packaged weights are real and have no stand-in
+    models = Models(cache_dir=tmp_path, device="cpu", dtype=torch.float32, tiny=True, overrides={})
     enc = load_identity_encoder(models, "dlib-resnet")
     img = FACES["astronaut"]
     x = _chw(img) / 127.5 - 1
