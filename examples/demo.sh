@@ -21,4 +21,29 @@ cloak score "$out/protected" --ref examples/photos --metric psnr,ssim,linf --rep
 echo "== score: the attacker's generations (identity metrics; stand-in face models with --tiny)" >&2
 cloak score "$out/attack/gen" --ref examples/photos --tiny --metric fdfr,ism --report "$out/scores-attack.json"
 
-echo "reports: $out/protected/report.json $out/attack/report.json $out/scores-*.json" >&2
+echo "== real weights: DLADiff layer 2 against dlib's face ResNet (dlib-resnet), astronaut at 512², ε = 8/255" >&2
+mkdir -p "$out/real/original"
+python -c "import sys; from PIL import Image; from skimage import data; Image.fromarray(data.astronaut()).save(sys.argv[1])" \
+  "$out/real/original/astronaut.png"
+start=$SECONDS
+cloak protect --method dladiff -o layers=zs -o encoders=dlib-resnet -o zs_steps=20 \
+  "$out/real/original" "$out/real/protected"
+echo "   (layer 2, 20 PGD steps: $((SECONDS - start)) s)" >&2
+for which in original protected; do
+  cloak score -q "$out/real/$which" --ref "$out/real/original" --metric ism,psnr -o ism.backend=dlib \
+    --report "$out/real/scores-$which.json" >/dev/null
+  python - "$out/real/scores-$which.json" "$out/real/original/astronaut.png" "$out/real/$which/astronaut.png" \
+    "$which" <<'PY' >&2
+import json, subprocess, sys
+report, original, image, which = sys.argv[1:5]
+scores = json.load(open(report))["items"][0]["scores"]
+verdict = json.loads(subprocess.run([sys.executable, "examples/dlib_distance.py", original, image],
+                                    capture_output=True, text=True, check=True).stdout)
+psnr = "inf" if scores.get("psnr") is None else f"{scores['psnr']:.1f} dB"
+print(f"   {which:>9}: dlib ISM {scores['ism']:.4f}, dlib distance {verdict['distance']:.3f} "
+      f"(same person below {verdict['threshold']}: {'yes' if verdict['same_person'] else 'no'}), PSNR {psnr}")
+PY
+done
+echo "   white-box: the attacked network is the one dlib scores with; transfer to other recognizers is not measured" >&2
+
+echo "reports: $out/protected/report.json $out/attack/report.json $out/scores-*.json $out/real/" >&2

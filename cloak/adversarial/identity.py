@@ -2,7 +2,8 @@
 
 Used by DLADiff layer 2 (protect.md §9): the protected image's face region, cut out at the clean image's
 detector box and resized (differentiably) to each encoder's input size, should embed far from the clean
-image's face under every encoder at once.
+image's face under every encoder at once. An encoder with its own alignment (``face_view``, e.g. dlib-resnet's
+5-point chip) fixes its crop on the clean images and resamples the protected ones there.
 """
 
 from __future__ import annotations
@@ -51,27 +52,40 @@ def crop_resize(x: torch.Tensor, regions: list[Region], size: int) -> torch.Tens
     return torch.cat(out).clamp(-1, 1)
 
 
+def face_view(encoder, clean: torch.Tensor, regions: list[Region]):
+    """The function x → the encoder's input crops of x: its own alignment if it has one, else the regions."""
+    if hasattr(encoder, "face_view"):
+        return encoder.face_view(clean, regions)
+
+    def view(x: torch.Tensor) -> torch.Tensor:
+        return crop_resize(x, regions, encoder.input_size)
+
+    view.sources = [region.source for region in regions]
+    return view
+
+
 class IdentityLoss:
     """Σ over encoders of the mean cosine similarity between the images' and the clean images' embeddings.
 
-    The clean embeddings are computed once, on the same regions. Minimising the loss moves every encoder's
+    The clean embeddings are computed once, on the same crops. Minimising the loss moves every encoder's
     embedding of every image away from its clean counterpart.
     """
 
     def __init__(self, encoders, regions: list[Region], clean: torch.Tensor):
         self.encoders = list(encoders)
         self.regions = list(regions)
+        self.views = [face_view(enc, clean, self.regions) for enc in self.encoders]
         with torch.no_grad():
-            self.reference = [F.normalize(enc(crop_resize(clean, self.regions, enc.input_size)).float(), dim=-1)
-                              for enc in self.encoders]
+            self.reference = [F.normalize(enc(view(clean)).float(), dim=-1)
+                              for enc, view in zip(self.encoders, self.views)]
+
+    def embeddings(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Per encoder, the raw embeddings (B×D) of the images' crops."""
+        return [enc(view(x)).float() for enc, view in zip(self.encoders, self.views)]
 
     def similarities(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Per encoder, the per-image cosine similarity (B,) to the clean embedding."""
-        sims = []
-        for enc, ref in zip(self.encoders, self.reference):
-            emb = F.normalize(enc(crop_resize(x, self.regions, enc.input_size)).float(), dim=-1)
-            sims.append((emb * ref).sum(-1))
-        return sims
+        return [(F.normalize(emb, dim=-1) * ref).sum(-1) for emb, ref in zip(self.embeddings(x), self.reference)]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return torch.stack([s.mean() for s in self.similarities(x)]).sum()

@@ -176,6 +176,13 @@ _add(ModelSpec("dlib-face", "dlib", "dlib HOG/CNN face detectors, 5-point landma
                       FileSpec("dlib_face_recognition_resnet_model_v1.dat")),
                extra={"module": "face_recognition_models", "subdir": "models", "extra": "dlib"},
                notes="installs offline from PyPI; read with dlib directly"))
+_add(ModelSpec("dlib-resnet", "dlib-resnet", "dlib's 128-d face-recognition ResNet ported to torch (differentiable; "
+               "aligned by dlib's 5-point landmarks); DLADiff layer 2 encoder, same network as dlib-face",
+               "CC0-1.0 models (dlib-models; the package is MIT)", "pip:face-recognition-models",
+               files=(FileSpec("shape_predictor_5_face_landmarks.dat"),
+                      FileSpec("dlib_face_recognition_resnet_model_v1.dat")),
+               extra={"module": "face_recognition_models", "subdir": "models", "extra": "dlib"},
+               notes="installs offline from PyPI; .dat read by cloak's own parser (numbers only); landmarks by dlib"))
 _add(ModelSpec("facenet-mtcnn", "mtcnn", "MTCNN P/R/O-Net face detector (facenet-pytorch package); SER-FIQ faces",
                "MIT (facenet-pytorch)", "pip:facenet-pytorch",
                files=(FileSpec("pnet.pt"), FileSpec("rnet.pt"), FileSpec("onet.pt")),

@@ -74,6 +74,25 @@ class DlibFaceAnalyzer:
             faces.append(face)
         return sorted(faces, key=lambda f: f.area, reverse=True)
 
+    def landmarks(self, rgb: np.ndarray, box=None) -> tuple[np.ndarray, str]:
+        """dlib's 5 points (5×2) of the largest detected face, and where its box came from.
+
+        Without a detection, the points are fitted inside ``box`` (x1, y1, x2, y2; e.g. another detector's),
+        else inside the whole image — dlib's shape predictor places its points in any rectangle.
+        """
+        img = np.ascontiguousarray(rgb, dtype=np.uint8)
+        faces = self.detect(img)
+        if faces:
+            return faces[0].landmarks.astype(np.float64), "dlib"
+        h, w = img.shape[:2]
+        if box is not None:
+            x1, y1, x2, y2 = (int(round(v)) for v in box[:4])
+            rect, source = self._dlib.rectangle(x1, y1, x2 - 1, y2 - 1), "box"
+        else:
+            rect, source = self._dlib.rectangle(0, 0, w - 1, h - 1), "image"
+        shape = self._shape(img, rect)
+        return np.array([[shape.part(i).x, shape.part(i).y] for i in range(shape.num_parts)], np.float64), source
+
     def _descriptor(self, img: np.ndarray, rect) -> np.ndarray:
         shape = self._shape(img, rect)
         vec = np.asarray(self._net.compute_face_descriptor(img, shape), dtype=np.float32)

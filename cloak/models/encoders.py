@@ -5,6 +5,9 @@ applied here inside ``forward`` so callers hand in [-1, 1] pixels at ``input_siz
 
 * ``arcface-irse50`` — ArcFace IR-SE50 (facexlib architecture, loaded by :mod:`cloak.models.faces`),
   112² input in [-1, 1], 512-d ℓ2-normalised output.
+* ``dlib-resnet`` — dlib's 128-d face-recognition ResNet (:mod:`cloak.models.archs.dlib_resnet`, weights of the
+  ``face-recognition-models`` package), on dlib's own 150² chip: it aligns the face itself (``face_view``:
+  dlib's 5 landmarks on the clean image fix the chip, which is resampled differentiably from the protected one).
 * ``ip-adapter-image-encoder`` — the CLIP vision tower of IP-Adapter for SD 1.5 (OpenCLIP ViT-H/14,
   ``CLIPVisionModelWithProjection`` from ``h94/IP-Adapter`` ``models/image_encoder``), 224² input with
   CLIP's mean/std, ``image_embeds`` output (what IP-Adapter feeds its projection).
@@ -64,6 +67,42 @@ class ArcFaceEncoder(IdentityEncoder):
         return self.backbone(x.contiguous())
 
 
+class DlibResNetEncoder(IdentityEncoder):
+    """dlib's face-recognition ResNet on dlib's aligned chip; raw (unnormalised) 128-d descriptors."""
+
+    def __init__(self, net: torch.nn.Module, analyzer, name: str = "dlib-resnet"):
+        super().__init__()
+        self.net = net
+        self.analyzer = analyzer  # DlibFaceAnalyzer: detector + 5-point landmarks on the clean images
+        self.name = name
+        self.input_size = 150
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net((x.float() + 1) * 127.5)
+
+    def face_view(self, clean: torch.Tensor, regions):
+        """A function x → dlib chips of ``x`` at the clean images' landmarks (``.sources``: where each came from).
+
+        dlib's detector runs on the clean image; where it finds no face the landmarks are fitted in the
+        region's box (another detector's) or the whole image.
+        """
+        from cloak.io.images import to_uint8
+        from cloak.models.archs.dlib_resnet import extract_chips, face_chip_matrix
+
+        matrices, sources = [], []
+        for i, rgb in enumerate(to_uint8(clean)):
+            box = regions[i].box if regions is not None and i < len(regions) else None
+            points, source = self.analyzer.landmarks(rgb, box)
+            matrices.append(face_chip_matrix(points, self.input_size))
+            sources.append(source)
+
+        def view(x: torch.Tensor) -> torch.Tensor:
+            return extract_chips(x, matrices, self.input_size).clamp(-1, 1)
+
+        view.sources = sources
+        return view
+
+
 class ClipImageEncoder(IdentityEncoder):
     def __init__(self, model: torch.nn.Module, name: str = "ip-adapter-image-encoder"):
         super().__init__()
@@ -87,12 +126,25 @@ def load_identity_encoder(models, model_id: str, role: str = "identity-encoder")
     """Load one identity encoder by catalog id (``--tiny``: its stand-in), once per process."""
     from cloak.models.catalog import get_spec
 
-    resolved, path, _ = models.resolve(model_id, role)
-    spec = get_spec(resolved)
+    spec = get_spec(model_id)
+    if spec is not None and spec.source.startswith("pip:"):  # real weights in a package; no stand-in needed
+        path = models.packaged(model_id, role)
+    else:
+        resolved, path, _ = models.resolve(model_id, role)
+        spec = get_spec(resolved)
     kind = spec.kind if spec is not None else None
     device = models.device
 
     def build() -> IdentityEncoder:
+        if kind == "dlib-resnet":
+            from cloak.models.archs.dlib_resnet import DatFormatError, load_dlib_resnet
+            from cloak.models.dlib_faces import RESNET_FILE, DlibFaceAnalyzer
+
+            try:
+                net = load_dlib_resnet(Path(path) / RESNET_FILE)
+            except (OSError, DatFormatError) as exc:
+                raise ModelUnavailableError(f"cannot read {Path(path) / RESNET_FILE}: {exc}") from None
+            return _freeze(DlibResNetEncoder(net, DlibFaceAnalyzer(path), name=model_id), device)
         if kind == "arcface":
             from cloak.models.faces import load_arcface
 
@@ -100,7 +152,7 @@ def load_identity_encoder(models, model_id: str, role: str = "identity-encoder")
         if kind == "clip-vision":
             return _freeze(ClipImageEncoder(load_clip_vision(path), name=model_id), device)
         raise ModelUnavailableError(f"{model_id} is not an identity encoder (kind {kind!r}); "
-                                    "use arcface-irse50 or ip-adapter-image-encoder")
+                                    "use arcface-irse50, ip-adapter-image-encoder or dlib-resnet")
 
     return models.memo(("identity-encoder", str(path), str(device)), build)
 

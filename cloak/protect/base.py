@@ -46,6 +46,11 @@ class ProtectMethod(Method):
     # Model used when --model is not given (VerbRun reads it); each method states its paper's base model.
     default_model: ClassVar[str] = "sd21-base"
 
+    @classmethod
+    def needs_model(cls, opts) -> bool:
+        """Whether these options use the diffusion model (no: it is not loaded; images keep their own size)."""
+        return True
+
     def budget_m11(self) -> float:
         return self.opts.eps_m11
 

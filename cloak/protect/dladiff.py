@@ -70,7 +70,8 @@ class DLADiffOptions(SurrogateOptions):
     zs_unit: Literal["m11", "01", "255"] = Field("255", description="unit of eps_zs and alpha_zs (255: 8 = 8/255)")
     zs_steps: int = Field(100, ge=0, description="layer 2 PGD steps")
     encoders: list[str] = Field(["arcface-irse50", "ip-adapter-image-encoder"],
-                                description="identity encoders attacked together (catalog ids)")
+                                description="identity encoders attacked together (catalog ids: arcface-irse50, "
+                                            "ip-adapter-image-encoder, dlib-resnet)")
     face_margin: float = Field(0.0, ge=0, description="square face box = longer detector side × (1 + margin)")
 
     @field_validator("layers", "encoders", mode="before")
@@ -106,7 +107,8 @@ class DLADiff(ProtectMethod):
         LABEL + ". The paper body was not available: the attention-loss form, layers, weights, budgets, step "
         "counts, encoder set and the composition of the two layers are proposals (protect.md §9). The ArcFace "
         "models of the spec's encoder set (insightface antelopev2 / buffalo_l) are ONNX graphs with no gradient "
-        "here; layer 2 attacks ArcFace IR-SE50 and IP-Adapter's CLIP image encoder instead. Clean reference set "
+        "here; layer 2 attacks ArcFace IR-SE50 and IP-Adapter's CLIP image encoder instead (or dlib-resnet, dlib's "
+        "face ResNet on real weights that install offline). Clean reference set "
         "(set A) from --ref; without it the input images stand in for it.")
     Options = DLADiffOptions
     proposals: ClassVar[tuple[str, ...]] = (
@@ -118,6 +120,11 @@ class DLADiff(ProtectMethod):
     default_model = "sd21-base"
     tiny_options: ClassVar[dict] = {"class_images": 2, "epochs": 2, "attention_steps": 1, "surrogate_steps": 1,
                                     "pgd_steps": 1, "static_steps": 2, "zs_steps": 2}
+
+    @classmethod
+    def needs_model(cls, opts: DLADiffOptions) -> bool:
+        """Only layer 1 uses the diffusion model; ``-o layers=zs`` runs on the identity encoders alone."""
+        return "ft" in opts.layers
 
     def budget_m11(self) -> float:
         o = self.opts
@@ -291,8 +298,10 @@ class DLADiff(ProtectMethod):
         from cloak.models.encoders import load_identity_encoder
 
         ctx, o = self.ctx, self.opts
-        regions = self.face_regions(x0)
         encoders = [load_identity_encoder(ctx.models, name) for name in o.encoders]
+        # Encoders that align the face themselves (dlib-resnet) need no detector box from the face analyzer.
+        needs_boxes = any(not hasattr(enc, "face_view") for enc in encoders)
+        regions = self.face_regions(x0) if needs_boxes else [Region(None, "image")] * len(x0)
         objective = IdentityLoss(encoders, regions, x0.float())
         steps, eps, alpha = ctx.iters(o.zs_steps), o.eps_zs_m11, o.alpha_zs_m11
         base = x_ft.detach().float()
@@ -312,15 +321,30 @@ class DLADiff(ProtectMethod):
             after = [s.cpu() for s in objective.similarities(x)]
         records = []
         for i, region in enumerate(regions):
-            records.append({"zs_region": region.source, "zs_box": list(region.box) if region.box else None,
+            record = {"zs_region": region.source, "zs_box": list(region.box) if region.box else None} \
+                if needs_boxes else {}
+            records.append({**record, "zs_face": {e: v.sources[i] for e, v in zip(o.encoders, objective.views)},
                             "identity_cos_before_zs": {e: float(s[i]) for e, s in zip(o.encoders, before)},
                             "identity_cos": {e: float(s[i]) for e, s in zip(o.encoders, after)}})
-        no_face = sum(r.source == "image" for r in regions)
-        if no_face:
-            ctx.warn(f"dladiff layer 2: no face found in {no_face} of {len(regions)} clean images; "
-                     "the identity encoders saw the whole image there")
+        found = [sum(src in ("face", "dlib") for src in v.sources) for v in objective.views]
+        for name, n in zip(o.encoders, found):
+            if n < len(x0):
+                ctx.warn(f"dladiff layer 2: {name}: no face found in {len(x0) - n} of {len(x0)} clean images; "
+                         "the encoder saw the whole image (or another detector's box) there")
         summary = {"steps": steps, "encoders": list(o.encoders), "final_objective": value,
-                   "faces_found": len(regions) - no_face,
+                   "faces_found": min(found), "white_box": white_box_notes(o.encoders),
                    "mean_identity_cos_before_zs": {e: float(s.mean()) for e, s in zip(o.encoders, before)},
                    "mean_identity_cos": {e: float(s.mean()) for e, s in zip(o.encoders, after)}}
         return x.to(x_ft.dtype).detach(), summary, records
+
+
+# Attacked encoder → the score backend that measures identity with the same network.
+SCORED_BY = {"dlib-resnet": "score's dlib backend (-o ism.backend=dlib)",
+             "arcface-irse50": "score's retinaface backend (ArcFace IR-SE50)"}
+
+
+def white_box_notes(encoders: list[str]) -> list[str]:
+    """Which identity scores are white-box for this run: those of a network layer 2 attacked."""
+    return [f"{name} is the network of {SCORED_BY[name]}: identity scores from it on these images are white-box "
+            "(the attack saw that network); transfer to other recognizers is not measured by them"
+            for name in encoders if name in SCORED_BY]

@@ -53,8 +53,9 @@ def run_protect(input_dir, output_dir, *, ref: str | None = None, eps: float | N
         run.params["target_image"] = {"value": target_image, "source": "flag"}
 
     ctx = run.context(extras={"target_image": target_image})
-    resolution = run.model_resolution()
-    ctx.resolution = resolution
+    # A method that loads no diffusion model (DLADiff -o layers=zs) reads the images at their own size.
+    resolution = run.model_resolution() if run.method_cls.needs_model(opts) or run.resolution_flag else None
+    ctx.resolution = resolution or 0
     images = read_images(input_dir, resolution, keep_going=common.keep_going)
     for path, error in images.failures:
         run.add_item({"input": str(path), "status": "failed", "error": error})
