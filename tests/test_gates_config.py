@@ -156,3 +156,79 @@ def test_a_valid_config_loads(cli, tmp_path):
     r = cli("config", "show")
     assert r.exit_code == 0, r.stderr
     assert "protect.aspl" in r.stdout or "aspl" in r.stdout
+
+
+# --- item 11: the model cache commands -------------------------------------------------------------------------
+
+def test_models_verify_a_model_never_pulled_is_not_in_the_cache_exit_4(cli):
+    r = cli("models", "verify", "sd15")
+    assert r.exit_code == 4
+    assert r.stdout == "sd15\tnot in the cache\n" and "FAILED" not in r.stdout + r.stderr
+    assert "cloak models pull sd15" in r.stderr
+
+
+def test_models_rm_of_a_model_never_there_removes_nothing(cli, tmp_path):
+    r = cli("models", "rm", "--yes", "sd15")
+    assert r.exit_code == 0 and "removed" not in r.stdout and r.stdout == ""
+    assert "not in the cache" in r.stderr and "nothing removed" in r.stderr
+    # an interrupted pull is named as such when removed
+    from cloak.config import cache_dir
+
+    partial = cache_dir() / "models" / "sd15"
+    (partial / "unet").mkdir(parents=True)
+    (partial / "unet" / "x.bin").write_bytes(b"0" * 2048)
+    r = cli("models", "rm", "--yes", "sd15")
+    assert r.exit_code == 0 and "removed incomplete download" in r.stdout and "2.0K" in r.stdout
+    assert not partial.exists()
+
+
+def test_model_id_suggestions_prefer_prefix_and_substring():
+    from cloak.models.catalog import closest_ids, suggest_id
+
+    assert closest_ids("sd21")[0] == "sd21-base"
+    assert closest_ids("retina")[0] == "retinaface-r50"
+    assert closest_ids("SD15")[0] == "sd15"
+    assert suggest_id("sd21") == " (did you mean 'sd21-base'?)"
+    assert suggest_id("zzzz") == ""
+
+
+def test_model_flag_suggests_the_prefix_match(cli, image_dir, tmp_path):
+    r = cli("protect", "--model", "sd21", "--eps", "4/255", image_dir, tmp_path / "out")
+    assert r.exit_code == 2 and "did you mean 'sd21-base'" in r.stderr
+
+
+def test_models_pull_without_network_says_so_and_how_to_go_on(cli, monkeypatch):
+    import huggingface_hub
+    import requests
+
+    def offline(**_):
+        try:
+            raise OSError("[Errno -3] Temporary failure in name resolution")
+        except OSError as inner:
+            raise requests.exceptions.ConnectionError("HTTPSConnectionPool(host='huggingface.co'): Max retries "
+                                                      "exceeded") from inner
+
+    monkeypatch.delenv("CLOAK_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    r = cli("models", "pull", "sd15")
+    assert r.exit_code == 4, r.stderr
+    text = " ".join(r.stderr.split())
+    assert "no network" in text and "--model DIR" in text and "mirror" in text and "models.sd15" in text
+    assert "Traceback" not in r.stderr and len(r.stderr.splitlines()) <= 6
+    from cloak.config import cache_dir
+
+    assert not (cache_dir() / "models" / "sd15").exists()  # no empty folder left to look like a cached model
+    # a failure that is not the network keeps its own message
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda **_: (_ for _ in ()).throw(ValueError("bad")))
+    r = cli("models", "pull", "sd15")
+    assert r.exit_code == 4 and "no network" not in r.stderr and "bad" in r.stderr
+
+
+def test_models_list_shows_sizes_on_disk(cli):
+    assert cli("models", "path", "tiny-sd").exit_code == 0
+    rows = {row["id"]: row for row in json.loads(cli("models", "list", "--json").stdout)}
+    assert rows["tiny-sd"]["size_bytes"] > 0 and rows["sd15"]["size_bytes"] is None
+    r = cli("models", "list")
+    line = next(x for x in r.stdout.splitlines() if x.startswith("tiny-sd\t"))
+    assert line.split("\t")[-1][-1] in "BKMG"
+    assert "size" in r.stderr
