@@ -113,7 +113,8 @@ def test_config_budgets_carry_units(cli, image_dir, tmp_path):
 
 
 def test_output_identical_to_input_is_a_failed_item(cli, image_dir, tmp_path):
-    r = cli("protect", "--method", "advdm", "--tiny", "--steps", "0", "-o", "random_start=false", "--json", image_dir, tmp_path / "out")
+    r = cli("protect", "--method", "advdm", "--tiny", "--steps", "0", "-o", "random_start=false", "--json",
+            image_dir, tmp_path / "out")
     assert r.exit_code == 5, r.stderr
     rep = json.loads(r.stdout)
     assert {i["status"] for i in rep["items"]} == {"failed"}

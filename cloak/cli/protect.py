@@ -63,8 +63,9 @@ def register(app: typer.Typer) -> None:
         method: O.MethodOpt = None,
         ref: Annotated[Optional[Path], typer.Option("--ref", help="Clean photos of the same identity (set A) for "
                                                     "the surrogate; default: the input images.")] = None,
-        eps: Annotated[Optional[str], typer.Option("--eps", metavar="BUDGET", help="ℓ∞ budget with its unit: 8/255, "
-                                                   "8lv, or a number with --eps-unit (0.03 --eps-unit 01).")] = None,
+        eps: Annotated[Optional[str], typer.Option("--eps", metavar="BUDGET", help="ℓ∞ budget with its unit: "
+                                                   "8/255, 8lv, or a number with --eps-unit (0.03 --eps-unit "
+                                                   "01).")] = None,
         eps_unit: Annotated[Optional[str], typer.Option("--eps-unit", help="Unit of a plain --eps number (and of "
                                                         "the step): m11, 01 or 255.")] = None,
         force_budget: Annotated[bool, typer.Option("--force-budget", help="Allow a budget above 32/255 (plainly "
