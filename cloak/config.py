@@ -195,6 +195,8 @@ def _validate_verb(path: Path, verb: str, section: dict[str, Any]) -> None:
     keys = {**COMMON_VERB_KEYS, **VERB_KEYS[verb]}
     methods = registry.names()
     for key, value in section.items():
+        if isinstance(value, dict) and key in keys:  # fail_if = {a = 1}: a table where a value belongs
+            raise key_error(path, f"{verb}.{key}", value, keys[key])
         if isinstance(value, dict):  # [verb.method]: that method's options
             if key not in methods:
                 kind = "metric" if verb == "score" else f"{verb} method"

@@ -126,7 +126,10 @@ def _texts(value: str | list[str] | None) -> list[str]:
 def score_run(generated_dir, *, ref: str | None, metrics: list[str] | None, fail_if: list[str] | None,
               report_path: str | None, per_subdir: bool | None, sheet: str | None, common,
               undefined: str | None = None) -> Report:
+    import logging
+
     from cloak._verb import VerbRun
+    from cloak.config import check_type, key_error
     from cloak.score import SCORE
     from cloak.score.gates import UNDEFINED, metric_name, parse_gate
 
@@ -151,8 +154,6 @@ def score_run(generated_dir, *, ref: str | None, metrics: list[str] | None, fail
     # this run (a [score] gate on ism must not break `cloak score --metric psnr`); a --fail-if gate on a
     # metric not computed is a usage error.
     config_value = run.cfg.verb("score").get("fail_if")
-    from cloak.config import check_type, key_error
-
     if config_value is not None and not check_type(config_value, "str_list"):
         raise key_error(run.cfg.path, "score.fail_if", config_value, "str_list")
     gates, gate_texts = [], []
@@ -160,11 +161,9 @@ def score_run(generated_dir, *, ref: str | None, metrics: list[str] | None, fail
         gate = parse_gate(text, SCORE.names())
         absent = sorted(gate.metrics() - set(metric_names))
         if absent:
-            ctx_note = f"config gate {text!r} not applied: {', '.join(absent)} not computed in this run"
-            run.warnings.append(ctx_note)
-            import logging
-
-            logging.getLogger("cloak").warning(ctx_note)
+            note = f"config gate {text!r} not applied: {', '.join(absent)} not computed in this run"
+            run.warnings.append(note)
+            logging.getLogger("cloak").warning(note)
             continue
         gates.append(gate)
         gate_texts.append(text)
