@@ -142,3 +142,14 @@ def test_help_and_methods_show_default_budgets_in_three_units(cli):
     shown = json.loads(cli("methods", "show", "advdm", "--json").stdout)["budgets"]["eps"]
     assert (shown["value"], shown["unit"], shown["m11"], shown["01"]) == (16, "255", pytest.approx(32 / 255),
                                                                           pytest.approx(16 / 255))
+
+
+def test_a_unit_alone_converts_the_defaults_instead_of_rereading_them():
+    from cloak.methods import build_options
+    from cloak.protect import PROTECT
+
+    opts, record = build_options(PROTECT.get("aspl").Options, [("-o", {"unit": "255"})], "aspl")
+    assert (opts.unit, opts.eps, opts.alpha) == ("255", pytest.approx(6.375), pytest.approx(0.6375))
+    assert opts.eps_m11 == pytest.approx(0.05) and record["eps"]["source"] == "default"
+    opts, _ = build_options(PROTECT.get("aspl").Options, [("-o", {"unit": "255", "eps": "4"})], "aspl")
+    assert (opts.eps, opts.alpha) == (4, pytest.approx(0.6375))

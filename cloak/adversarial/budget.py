@@ -158,6 +158,15 @@ def normalize_budget_layers(options_cls, layers: list[tuple[str, dict[str, Any]]
                                      f"{final}, easy to mistake)",
                                      hint=f"write {name}=8/255 or {name}=8lv, or set {unit_key}=m11|01|255 with it")
                 values[name] = number if unit == final else from_m11(to_m11(number, unit), final)
+        default_unit = fields[unit_key].default
+        if final != default_unit:
+            # -o unit=255 alone must not reread the default 0.05 (m11) as 0.05 levels: defaults follow the unit.
+            unset = {name: from_m11(to_m11(fields[name].default, default_unit), final)
+                     for name, key in pairs.items()
+                     if key == unit_key and isinstance(fields[name].default, (int, float))
+                     and not any(name in values for _, values in out)}
+            if unset:
+                out.insert(0, ("default", unset))
     return out
 
 
