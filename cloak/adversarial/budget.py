@@ -174,9 +174,9 @@ def _where(source: str) -> str:
     return {"-o": "-o", "config": "cloak.toml", "flag": "flag"}.get(source, source)
 
 
-def budget_flag_layer(options_cls, method: str, eps: Any, eps_unit: str | None,
-                      explicit_options: set[str] = frozenset()) -> dict[str, Any]:
-    """The ``--eps``/``--eps-unit`` layer: eps and unit together, and the default step in the same unit."""
+def budget_flag_layer(options_cls, method: str, eps: Any, eps_unit: str | None) -> dict[str, Any]:
+    """The ``--eps``/``--eps-unit`` layer: eps and unit together (the default step follows the unit, as
+    :func:`normalize_budget_layers` converts defaults)."""
     if eps is None:
         if eps_unit is not None:
             _check_unit(eps_unit, "--eps-unit")
@@ -187,11 +187,7 @@ def budget_flag_layer(options_cls, method: str, eps: Any, eps_unit: str | None,
     if "eps" not in fields or "unit" not in fields:
         raise UsageError(f"{method} has no ℓ∞ budget for --eps")
     budget = parse_budget(eps, eps_unit)
-    layer: dict[str, Any] = {"eps": budget.value, "unit": budget.unit}
-    if "alpha" in fields and "alpha" not in explicit_options:
-        # A new unit converts the default step so it means the same thing.
-        layer["alpha"] = from_m11(to_m11(fields["alpha"].default, fields["unit"].default), budget.unit)
-    return layer
+    return {"eps": budget.value, "unit": budget.unit}
 
 
 def check_options_budget(opts, method: str, *, force: bool = False) -> None:

@@ -32,8 +32,7 @@ def run_protect(input_dir, output_dir, *, ref: str | None = None, eps: float | s
     eps_unit = run.value("eps_unit", eps_unit, None)
     eps = run.value("eps", eps, None)
     force_budget = run.flag("force_budget", force_budget)
-    explicit = set(common.options) | set(run.cfg.method("protect", run.method_name))
-    flag_layer: dict[str, Any] = budget_flag_layer(run.method_cls.Options, run.method_name, eps, eps_unit, explicit)
+    flag_layer: dict[str, Any] = budget_flag_layer(run.method_cls.Options, run.method_name, eps, eps_unit)
     if steps is not None:
         if not run.method_cls.steps_option:
             raise UsageError(f"{run.method_name} has no main step count for --steps")
