@@ -9,7 +9,9 @@
     [protect.aspl]      options of one method (beaten by -o key=value)
     [score]             metrics, fail_if = ["ism>0.35"], ...
 
-Every resolved value remembers where it came from, and the report records it.
+Every resolved value remembers where it came from, and the report records it. The whole file is
+validated when it is loaded (:func:`validate`): sections, keys and their types, method names and each
+method's options (through its ``Options``), every message naming the file and the key.
 """
 
 from __future__ import annotations
@@ -96,21 +98,155 @@ def load_config(explicit: str | None = None) -> Config:
                 data = tomllib.loads(path.read_text(encoding="utf-8"))
             except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
                 raise UsageError(f"cannot parse config {path}: {exc}") from None
-            _check_sections(path, data)
+            validate(path, data)
             return Config(path, data)
         if explicit:
             raise UsageError(f"config file {path} does not exist")
     return Config()
 
 
-def _check_sections(path: Path, data: dict[str, Any]) -> None:
+# Keys of a verb's section: the flags every verb reads through VerbRun, then each verb's own.
+COMMON_VERB_KEYS = {"method": "str", "model": "str", "effort": "number", "seed": "int", "device": "str",
+                    "dtype": "str", "resolution": "int"}
+VERB_KEYS: dict[str, dict[str, str]] = {
+    "protect": {"eps": "budget", "eps_unit": "str", "force_budget": "bool", "keep_metadata": "bool"},
+    "purify": {"keep_metadata": "bool"},
+    "immunize": {"checkpoint_every": "int"},
+    "attack": {},
+    "score": {"metrics": "str_list", "fail_if": "str_list", "sheet": "str", "per_subdir": "bool",
+              "undefined": "str"},
+}
+DEFAULT_TYPES = {"device": "str", "dtype": "str", "seed": "int", "cache_dir": "str"}
+CHOICES = {"dtype": ("fp32", "bf16", "fp16"), "eps_unit": ("m11", "01", "255"), "undefined": ("fail", "pass")}
+_TYPE_TEXT = {"str": "a string", "int": "an integer", "number": "a number", "bool": "true or false",
+              "str_list": 'a string or a list of strings (e.g. ["a", "b"])', "budget": 'a budget such as "8/255"'}
+
+
+def check_type(value: Any, kind: str) -> bool:
+    """Whether a TOML value has the type a key needs (a bool is never a number, "false" never a bool)."""
+    if kind == "str":
+        return isinstance(value, str)
+    if kind == "bool":
+        return isinstance(value, bool)
+    if kind == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "number":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind == "str_list":
+        return isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+    if kind == "budget":
+        return isinstance(value, (str, int, float)) and not isinstance(value, bool)
+    raise ValueError(kind)
+
+
+def key_error(path: Path | str | None, key: str, value: Any, kind: str) -> UsageError:
+    where = f"{path}: " if path else ""
+    return UsageError(f"{where}{key} = {_show(value)} must be {_TYPE_TEXT[kind]}")
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, str):
+        return repr(value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def validate(path: Path, data: dict[str, Any]) -> None:
+    """Check the whole file at load: sections, keys, value types, method names and method options.
+
+    Every message names the file and the key (``cloak.toml: protect.aspll``), with "did you mean".
+    """
     known = ["defaults", "models", *VERBS]
-    for key in data:
-        if key not in known:
-            raise UsageError(f"{path}: unknown section [{key}]{suggest(key, known)}; valid: {', '.join(known)}")
-    for key in data.get("defaults", {}):
+    for section, body in data.items():
+        if section not in known:
+            raise UsageError(f"{path}: unknown section {section!r}{suggest(section, known)}; "
+                             f"valid: {', '.join(known)}")
+        if not isinstance(body, dict):
+            raise UsageError(f"{path}: {section} must be a section ([{section}]), got {section} = {_show(body)}")
+    for key, value in data.get("defaults", {}).items():
         if key not in DEFAULT_KEYS:
-            raise UsageError(f"{path}: unknown key defaults.{key}{suggest(key, sorted(DEFAULT_KEYS))}")
+            raise UsageError(f"{path}: unknown key defaults.{key}{suggest(key, sorted(DEFAULT_KEYS))}; "
+                             f"valid: {', '.join(sorted(DEFAULT_KEYS))}")
+        _check_value(path, f"defaults.{key}", key, value, DEFAULT_TYPES[key])
+    for key, value in data.get("models", {}).items():
+        if not isinstance(value, str):
+            raise UsageError(f"{path}: models.{key} = {_show(value)} must be the path of a local model directory")
+    for verb in VERBS:
+        _validate_verb(path, verb, data.get(verb, {}))
+
+
+def _check_value(path: Path, dotted: str, key: str, value: Any, kind: str) -> None:
+    if not check_type(value, kind):
+        raise key_error(path, dotted, value, kind)
+    choices = CHOICES.get(key)
+    if choices and value not in choices:
+        raise UsageError(f"{path}: {dotted} = {_show(value)}{suggest(str(value), list(choices))}; "
+                         f"valid: {', '.join(choices)}")
+
+
+def _validate_verb(path: Path, verb: str, section: dict[str, Any]) -> None:
+    import importlib
+
+    try:
+        registry = getattr(importlib.import_module(f"cloak.{verb}"), verb.upper())
+    except ImportError:  # a verb whose optional dependencies are missing: its own run says so
+        return
+    keys = {**COMMON_VERB_KEYS, **VERB_KEYS[verb]}
+    methods = registry.names()
+    for key, value in section.items():
+        if isinstance(value, dict) and key in keys:  # fail_if = {a = 1}: a table where a value belongs
+            raise key_error(path, f"{verb}.{key}", value, keys[key])
+        if isinstance(value, dict):  # [verb.method]: that method's options
+            if key not in methods:
+                kind = "metric" if verb == "score" else f"{verb} method"
+                close = suggest(key, methods) or suggest(key.lower(), methods)
+                raise UsageError(f"{path}: section {verb}.{key}: unknown {kind} {key!r}{close}; "
+                                 f"valid: {', '.join(methods)}")
+            _validate_options(path, verb, key, value, registry)
+            continue
+        if key not in keys:
+            raise UsageError(f"{path}: unknown key {verb}.{key}{suggest(key, sorted(keys))}; "
+                             f"valid: {', '.join(sorted(keys))}, or a section {verb}.METHOD for method options")
+        _check_value(path, f"{verb}.{key}", key, value, keys[key])
+        if key == "method" and value not in methods:
+            raise UsageError(f"{path}: {verb}.method = {value!r}: unknown {verb} method{suggest(value, methods)}; "
+                             f"valid: {', '.join(methods)}")
+        if key == "effort" and not value > 0:
+            raise UsageError(f"{path}: {verb}.effort must be > 0, got {value}")
+    if verb == "protect" and "eps" in section:
+        from cloak.adversarial.budget import parse_budget
+
+        parse_budget(section["eps"], section.get("eps_unit"), what=f"{path}: protect.eps", unit_flag="eps_unit")
+    elif verb == "protect" and "eps_unit" in section:
+        raise UsageError(f"{path}: protect.eps_unit is the unit of protect.eps; set eps too, or the method's unit "
+                         "option in its own section")
+    if verb == "score":
+        _validate_score(path, section, methods)
+
+
+def _validate_options(path: Path, verb: str, method: str, values: dict[str, Any], registry) -> None:
+    from cloak.methods import build_options
+
+    try:
+        build_options(registry.get(method).Options, [("config", values)], method)
+    except UsageError as exc:
+        raise UsageError(f"{path}: section {verb}.{method}: {exc}") from None
+
+
+def _validate_score(path: Path, section: dict[str, Any], metrics: list[str]) -> None:
+    from cloak.score.gates import metric_name, parse_gate
+
+    if "metrics" in section:
+        names = section["metrics"]
+        for name in [n.strip() for n in names.split(",")] if isinstance(names, str) else names:
+            metric_name(name, metrics, f"{path}: score.metrics")
+    gates = section.get("fail_if", [])
+    for text in [gates] if isinstance(gates, str) else gates:
+        try:
+            parse_gate(text, metrics)
+        except UsageError as exc:
+            raise UsageError(f"{path}: score.fail_if: {exc}") from None
 
 
 def cache_dir(flag: str | None = None) -> Path:

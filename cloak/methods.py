@@ -35,6 +35,9 @@ def build_options(cls: type[MethodOptions], layers: list[tuple[str, dict[str, An
 
     Returns (options instance, {name: {"value", "source"}}).
     """
+    from cloak.adversarial.budget import normalize_budget_layers
+
+    layers = normalize_budget_layers(cls, layers, method)  # every budget read in its own unit
     names = list(cls.model_fields)
     merged: dict[str, Any] = {}
     sources: dict[str, str] = {}

@@ -172,7 +172,8 @@ def test_dladiff_layer1_raises_attackers_loss_on_clean_photos(cli, tmp_path):
     Margins seen: 0.014–0.024 on losses ≈ 0.73 across seeds 0–2."""
     clean = write_images(tmp_path / "clean", n=3, seed=0)
     r = cli("protect", "--method", "dladiff", "--tiny", "-q", "-o", "layers=ft", "-o", "class_images=0",
-            "-o", "lr=1e-4", "-o", "epochs=6", "-o", "static_steps=10", "--eps", "0.1", clean, tmp_path / "protected")
+            "-o", "lr=1e-4", "-o", "epochs=6", "-o", "static_steps=10", "--eps", "0.1", "--eps-unit", "m11", clean,
+            tmp_path / "protected")
     assert r.exit_code == 0, r.stderr
     losses = {}
     for name, train in (("clean", clean), ("protected", tmp_path / "protected")):
@@ -211,7 +212,7 @@ def test_dladiff_budgets_and_records(tmp_path):
     images = write_images(tmp_path / "in", n=2)
     ref = write_images(tmp_path / "ref", n=2, seed=3)
     opts = {"class_images": 0, "epochs": 1, "attention_steps": 1, "surrogate_steps": 1, "pgd_steps": 1,
-            "static_steps": 1, "zs_steps": 2, "eps_zs": 4}
+            "static_steps": 1, "zs_steps": 2, "eps_zs": "4/255"}
     rep = run_protect(images, tmp_path / "out", ref=str(ref), common=_common("dladiff", opts))
     budget = rep.summary["budget"]
     assert budget["layers"]["ft"]["eps_m11"] == pytest.approx(0.05)
@@ -292,7 +293,7 @@ def test_cap_lowers_style_inconsistency_and_never_lowers_the_host_step(tmp_path,
     from cloak.models.handle import Models
 
     images = _canonical_copy(write_images(tmp_path / "src", n=3), tmp_path / "in")
-    host = {"class_images": 0, "surrogate_steps": 4, "lr": 1e-4, "eps": 0.1, "alpha": 0.01, "steps": 8}
+    host = {"class_images": 0, "surrogate_steps": 4, "lr": 1e-4, "unit": "m11", "eps": 0.1, "alpha": 0.01, "steps": 8}
     run_protect(images, tmp_path / "host", common=_common("fsmg", host))
     rep = run_protect(images, tmp_path / "cap", common=_common("cap", {**host, "host": "fsmg", "ratio_max": 5}))
     cap = rep.summary["cap"]

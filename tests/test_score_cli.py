@@ -33,9 +33,11 @@ def test_gate_evaluation(text, failed):
     assert parse_gate(text, ["ism", "fdfr"]).evaluate(TABLE)[0] is failed
 
 
-def test_gate_on_undefined_value_does_not_fire():
-    failed, why = parse_gate("ism>0.3", ["ism"]).evaluate({"ism": {"mean": None, "std": None, "n": 0}})
-    assert failed is False and "undefined" in why
+def test_gate_on_undefined_value_fails_unless_undefined_pass():
+    for undefined in ({"mean": None, "std": None, "n": 0}, {"mean": float("nan"), "std": None, "n": 1}):
+        failed, why = parse_gate("ism>0.3", ["ism"]).evaluate({"ism": undefined})
+        assert failed is True and "undefined" in why and "--undefined pass" in why
+        assert parse_gate("ism>0.3", ["ism"]).evaluate({"ism": undefined}, "pass")[0] is False
 
 
 @pytest.mark.parametrize("text,message", [
@@ -76,9 +78,10 @@ def test_gates_from_cloak_toml(cli, tmp_path):
     assert r.exit_code == 6 and "gate failed: psnr<40" in r.stderr
     rep = json.loads(r.stdout)
     assert rep["params"]["fail_if"] == {"value": ["psnr<40"], "source": "config"}
-    # a flag replaces the configured gates
-    r = cli("score", tmp_path / "g", "--ref", tmp_path / "r", "--fail-if", "psnr<20")
-    assert r.exit_code == 0
+    # a flag adds to the configured gates (it used to replace them silently)
+    r = cli("score", tmp_path / "g", "--ref", tmp_path / "r", "--fail-if", "psnr<20", "--json")
+    assert r.exit_code == 6 and "gate failed: psnr<40" in r.stderr
+    assert json.loads(r.stdout)["params"]["fail_if"] == {"value": ["psnr<40", "psnr<20"], "source": "config+flag"}
 
 
 def test_metric_option_plumbing(cli, tmp_path):

@@ -62,7 +62,19 @@ def register(app: typer.Typer) -> None:
             return
         for v, reg in chosen.items():
             for e in reg.entries():
-                _output.data(f"{v}\t{e.name}\t{e.summary}")
+                budget = _budget_text(reg.get(e.name)) if v == "protect" else ""
+                _output.data(f"{v}\t{e.name}\t{e.summary}" + (f"\t{budget}" if budget else ""))
+
+
+def _budgets(cls) -> dict:
+    from cloak.adversarial.budget import default_budgets
+
+    return default_budgets(cls.Options)
+
+
+def _budget_text(cls) -> str:
+    """Each ℓ∞ budget's default in the three units: ``eps 6.375/255 = 0.025 (01) = 0.05 (m11)``."""
+    return "; ".join(f"{name} {b.all_units()}" for name, b in _budgets(cls).items())
 
 
 def show(name: str, verb: str | None, as_json: bool) -> None:
@@ -87,6 +99,8 @@ def show(name: str, verb: str | None, as_json: bool) -> None:
                 "options": cls.option_table()}
         if hasattr(cls, "describe"):
             info.update(cls.describe())
+        if budgets := _budgets(cls):
+            info["budgets"] = {n: {**b.as_dict(), "01": b.m11 / 2} for n, b in budgets.items()}
         if as_json:
             _output.data_json(info)
             continue
@@ -95,6 +109,8 @@ def show(name: str, verb: str | None, as_json: bool) -> None:
         _output.data(f"  implements: {info.get('implements', '')}")
         if info.get("notes"):
             _output.data(f"  notes: {info['notes']}")
+        if budgets:
+            _output.data(f"  default budget: {_budget_text(cls)}")
         rows = info["options"]
         # Defaults as they are typed after -o (lists comma-separated); a unit names the option that holds
         # it (eps is in `unit`), so it shows that option's default.

@@ -24,8 +24,8 @@ def _cache(cache_dir: str | None):
 
 @app.command("list")
 def list_models(cache_dir: CacheOpt = None, as_json: JsonOpt = False) -> None:
-    """List known model ids, their licence and whether they are in the cache."""
-    from cloak.models.cache import is_complete, model_dir
+    """List known model ids, their licence, whether they are in the cache and their size on disk."""
+    from cloak.models.cache import dir_size, human_size, is_complete, model_dir
     from cloak.models.catalog import CATALOG
 
     cache = _cache(cache_dir)
@@ -33,8 +33,11 @@ def list_models(cache_dir: CacheOpt = None, as_json: JsonOpt = False) -> None:
     for spec in CATALOG.values():
         if spec.source.startswith("pip:"):
             present = _packaged(spec.id)
+            size = None  # lives in its package, not in the cache
         else:
-            present = is_complete(model_dir(cache, spec.id))
+            target = model_dir(cache, spec.id)
+            present = is_complete(target)
+            size = dir_size(target) if target.is_dir() else None  # an interrupted pull takes space too
         pinned = all(f.sha256 for f in spec.files) and bool(spec.files)
         status = "built-in" if spec.builtin else ("cached" if present else "missing")
         if spec.source.startswith("pip:"):
@@ -42,13 +45,14 @@ def list_models(cache_dir: CacheOpt = None, as_json: JsonOpt = False) -> None:
         rows.append({"id": spec.id, "kind": spec.kind, "status": status, "licence": spec.licence,
                      "non_commercial": spec.non_commercial, "source": spec.source, "revision": spec.revision,
                      "checksum": "pinned" if pinned else ("n/a" if spec.builtin else "recorded at pull"),
-                     "stand_in": spec.stand_in, "description": spec.description, "notes": spec.notes})
+                     "stand_in": spec.stand_in, "description": spec.description, "notes": spec.notes,
+                     "size_bytes": size})
     if as_json:
         _output.data_json(rows)
         return
     if not sys.stdout.isatty():  # piped: one TSV row per model, nothing else on stdout
         for r in rows:
-            _output.data(f"{r['id']}\t{r['status']}\t{r['kind']}\t{r['licence']}")
+            _output.data(f"{r['id']}\t{r['status']}\t{r['kind']}\t{r['licence']}\t{human_size(r['size_bytes'])}")
         _output.note(f"cache: {cache}")
         return
     from rich.console import Console
@@ -57,13 +61,14 @@ def list_models(cache_dir: CacheOpt = None, as_json: JsonOpt = False) -> None:
 
     # On a terminal the same rows as a table, instead of the TSV (not as well).
     t = Table(show_edge=False)
-    for col in ("id", "status", "licence", "description"):
+    for col in ("id", "status", "size", "licence", "description"):
         t.add_column(col)
     for r in rows:
         lic = Text(r["licence"]) + (Text(" (NON-COMMERCIAL)", style="bold red") if r["non_commercial"] else Text())
-        t.add_row(Text(r["id"]), Text(r["status"]), lic, Text(r["description"]))
+        t.add_row(Text(r["id"]), Text(r["status"]), Text(human_size(r["size_bytes"])), lic, Text(r["description"]))
     Console(highlight=False, markup=False).print(t)
-    _output.note(f"cache: {cache}")
+    total = sum(r["size_bytes"] or 0 for r in rows)
+    _output.note(f"cache: {cache} ({human_size(total)} in models)")
 
 
 def _packaged(model_id: str) -> bool:
@@ -104,23 +109,32 @@ def verify(
     ids: Annotated[Optional[list[str]], typer.Argument(metavar="[ID...]", help="Default: every cached model.")] = None,
     cache_dir: CacheOpt = None,
 ) -> None:
-    """Re-hash cached files against the recorded or pinned digests; exit 1 on a mismatch."""
-    from cloak.errors import CloakError
-    from cloak.models.cache import is_complete, model_dir
+    """Re-hash cached files against the recorded or pinned digests; exit 1 on a mismatch, 4 if not cached."""
+    from cloak.errors import CloakError, ModelUnavailableError
+    from cloak.models.cache import is_complete, model_dir, spec_or_error
     from cloak.models.cache import verify as do_verify
     from cloak.models.catalog import CATALOG
 
     cache = _cache(cache_dir)
     targets = ids or [i for i in CATALOG if is_complete(model_dir(cache, i))]
-    bad = 0
+    bad, missing = 0, []
     for model_id in targets:
-        problems = do_verify(cache, model_id)
+        spec = spec_or_error(model_id)
+        if not is_complete(model_dir(cache, model_id)) and not spec.builtin:
+            # Never pulled (or an interrupted pull): nothing to verify, which is not a failed check.
+            _output.data(f"{model_id}\tnot in the cache")
+            missing.append(model_id)
+            continue
+        problems = do_verify(cache, model_id) if is_complete(model_dir(cache, model_id)) else []
         _output.data(f"{model_id}\t{'ok' if not problems else 'FAILED'}")
         for p in problems:
             _output.note(f"  {model_id}: {p}")
         bad += bool(problems)
     if bad:
         raise CloakError(f"{bad} model(s) failed verification")
+    if missing:
+        raise ModelUnavailableError(f"not in the cache: {', '.join(missing)} (looked in {cache / 'models'})",
+                                    hint=f"`cloak models pull {' '.join(missing)}` on a machine with network access")
 
 
 @app.command("rm")
@@ -130,26 +144,28 @@ def rm(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Only say what would be removed.")] = False,
     cache_dir: CacheOpt = None,
 ) -> None:
-    """Remove models from the cache."""
+    """Remove models from the cache (an id that is not there is reported, and nothing is removed)."""
     from cloak.errors import UsageError
-    from cloak.models.cache import model_dir, spec_or_error
+    from cloak.models.cache import dir_size, human_size, is_complete, model_dir, spec_or_error
 
     cache = _cache(cache_dir)
     for model_id in ids:
         spec_or_error(model_id)
         target = model_dir(cache, model_id)
-        if not target.exists():
-            _output.note(f"{model_id}: not in the cache")
+        if not target.is_dir():
+            _output.note(f"{model_id}: not in the cache ({target}); nothing removed")
             continue
+        what = "" if is_complete(target) else "incomplete download "
+        size = human_size(dir_size(target))
         if dry_run:
-            _output.data(f"would remove {target}")
+            _output.data(f"would remove {what}{target} ({size})")
             continue
         if not yes:
             import sys
 
             if not sys.stdin.isatty():
                 raise UsageError(f"refusing to remove {target} without --yes (stdin is not a terminal)")
-            if not typer.confirm(f"remove {target}?"):
+            if not typer.confirm(f"remove {what}{target} ({size})?"):
                 continue
         shutil.rmtree(target)
-        _output.data(f"removed {target}")
+        _output.data(f"removed {what}{target} ({size})")

@@ -16,8 +16,25 @@ The perturbation stays inside an ℓ∞ budget (--eps, with its unit) after 8-bi
 fine-tune a surrogate (aspl, fsmg, simac, metacloak, dladiff) learn best from a separate set of clean
 photos of the same person: pass it with --ref.
 
-[bold]Budget units[/bold]: m11 = [-1,1] pixel space (Anti-DreamBooth's 0.05), 01 = [0,1] space,
-255 = 8-bit levels. 0.05 m11 = 6.4/255.
+[bold]Budgets carry their unit[/bold] (a bare --eps 8 is refused: 8 in [-1,1] would be the whole range):
+--eps 8/255 or --eps 8lv (8-bit levels), or a number with its unit: --eps 0.03 --eps-unit 01.
+Units: m11 = [-1,1] pixel space (Anti-DreamBooth's 0.05), 01 = [0,1] space, 255 = 8-bit levels.
+The same holds for -o eps=... and eps in cloak.toml. A budget under 1/255 (the PNG would not change)
+is refused; above 32/255 needs --force-budget. An output identical to its input is a failed item.
+
+[bold]Default budgets[/bold] (eps; `cloak methods show NAME` for every option):
+
+  aspl, fsmg, cap, dladiff   6.375/255 = 0.025 (01) = 0.05 (m11)
+
+  simac                      8/255 = 0.03137 (01) = 0.06275 (m11)
+
+  photoguard                 7.65/255 = 0.03 (01) = 0.06 (m11)
+
+  metacloak                  11/255 = 0.04314 (01) = 0.08627 (m11)
+
+  advdm, mist                16/255 = 0.06275 (01) = 0.1255 (m11)
+
+  dladiff eps_zs (layer 2)   8/255 = 0.03137 (01) = 0.06275 (m11)
 
 Mid-run snapshots (-o save_every=N: aspl, simac, fsmg, cap) go to OUTPUT/.steps/, a hidden folder the
 other verbs skip when they read OUTPUT. Large sets: -o pgd_batch=N bounds the PGD step's memory.
@@ -27,7 +44,7 @@ EPILOG = """Examples:
 
   cloak protect --method aspl --ref clean_A/ photos/ protected/
 
-  cloak protect --method aspl --eps 8 --eps-unit 255 photos/ protected/
+  cloak protect --method aspl --eps 8/255 photos/ protected/         (also: --eps 8lv, --eps 0.03 --eps-unit 01)
 
   find shoot/ -name '*.jpg' | cloak protect --method aspl - protected/     (paths on stdin)
 
@@ -46,9 +63,13 @@ def register(app: typer.Typer) -> None:
         method: O.MethodOpt = None,
         ref: Annotated[Optional[Path], typer.Option("--ref", help="Clean photos of the same identity (set A) for "
                                                     "the surrogate; default: the input images.")] = None,
-        eps: Annotated[Optional[float], typer.Option("--eps", help="ℓ∞ budget, in --eps-unit.")] = None,
-        eps_unit: Annotated[Optional[str], typer.Option("--eps-unit", help="Unit of --eps (and of the step): m11, "
-                                                        "01 or 255.")] = None,
+        eps: Annotated[Optional[str], typer.Option("--eps", metavar="BUDGET", help="ℓ∞ budget with its unit: "
+                                                   "8/255, 8lv, or a number with --eps-unit (0.03 --eps-unit "
+                                                   "01).")] = None,
+        eps_unit: Annotated[Optional[str], typer.Option("--eps-unit", help="Unit of a plain --eps number (and of "
+                                                        "the step): m11, 01 or 255.")] = None,
+        force_budget: Annotated[bool, typer.Option("--force-budget", help="Allow a budget above 32/255 (plainly "
+                                                   "visible).")] = False,
         steps: Annotated[Optional[int], typer.Option("--steps", help="The method's main iteration count.")] = None,
         target_image: Annotated[Optional[Path], typer.Option("--target-image", help="Target image for targeted "
                                                              "methods (photoguard, mist, T-ASPL).")] = None,
@@ -81,6 +102,6 @@ def register(app: typer.Typer) -> None:
                    compat=compat, config=config, cache_dir=cache_dir, class_dir=class_dir, quiet=quiet,
                    verbose=verbose, jsonl=jsonl)
         execute(c, lambda: run_protect(input_dir, output_dir, ref=str(ref) if ref else None, eps=eps,
-                                       eps_unit=eps_unit, steps=steps, common=c,
+                                       eps_unit=eps_unit, force_budget=force_budget, steps=steps, common=c,
                                        target_image=str(target_image) if target_image else None),
                 output_dir, as_json=as_json, jsonl=jsonl, quiet=quiet)

@@ -14,11 +14,19 @@ from cloak.cli._run import common, stop_progress
 HELP = """Score the images of GENERATED (e.g. `cloak attack`'s OUTPUT/gen) against clean photos.
 
 Prints one `metric<TAB>mean` line per metric on stdout (or the full report with --json), and a
-table on stderr. Gates (--fail-if, repeatable, or [score].fail_if in cloak.toml) make the exit
-code 6 when their expression is true, naming each failed gate.
+table on stderr. Gates make the exit code 6 when their expression is true, naming each failed gate.
+--fail-if gates are added to those of fail_if in cloak.toml's score section (both apply). A config
+gate applies only when its metrics are computed in this run (stderr says when one is skipped); a
+--fail-if gate on a metric not computed is an error.
 
 Gate expressions: METRIC[.mean|.std|.n] OP NUMBER, joined with `and` / `or`; OP is one of
-< <= > >= == !=. Example: 'ism>0.35 or fdfr<0.5'.
+< <= > >= == !=; metric names ignore case. Example: 'ism>0.35 or fdfr<0.5'. A gate that reads an
+undefined value (no faces, PSNR of identical images, NIQE of too-small images) fails, unless
+--undefined pass.
+
+Exit codes: 0 ok, 6 a gate failed, 5 some images could not be read (--keep-going). 5 beats 6: when
+both happen the exit is 5 (every figure is over a subset) and the message still names the failed
+gates.
 
 With --per-subdir, GENERATED and --ref are roots: each GENERATED/<name>/ (or <name>/gen/, as
 `cloak attack` writes it) is scored against REF/<name>/, and the table (and the gates) use the mean
@@ -52,6 +60,8 @@ def register(app: typer.Typer) -> None:
                                                             "separated); default: fdfr, ism.")] = None,
         fail_if: Annotated[Optional[list[str]], typer.Option("--fail-if", metavar="EXPR", help="Fail (exit 6) "
                                                              "when EXPR is true; repeatable.")] = None,
+        undefined: Annotated[Optional[str], typer.Option("--undefined", metavar="fail|pass", help="What a gate "
+                                                         "on an undefined value does; default: fail.")] = None,
         report: Annotated[Optional[Path], typer.Option("--report", help="Also write the JSON report to this "
                                                        "file.")] = None,
         per_subdir: Annotated[Optional[bool], typer.Option("--per-subdir", help="Score each subdirectory of "
@@ -81,7 +91,8 @@ def register(app: typer.Typer) -> None:
         try:
             result = score_run(generated_dir, ref=str(ref) if ref else None, metrics=metrics or None,
                                fail_if=fail_if, report_path=str(report) if report else None,
-                               per_subdir=per_subdir, sheet=str(sheet) if sheet else None, common=c)
+                               per_subdir=per_subdir, sheet=str(sheet) if sheet else None, common=c,
+                               undefined=undefined)
         except CloakError as exc:
             stop_progress(c)
             if getattr(exc, "report", None) is not None:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from cloak.errors import CloakError, ModelUnavailableError, UsageError
 from cloak.io.output import apply_umask, publish_dir, staging_dir
-from cloak.models.catalog import _EXTRA, CATALOG, ModelSpec, get_spec, register_builder  # noqa: F401 (re-export)
+from cloak.models.catalog import _EXTRA, CATALOG, ModelSpec, get_spec, register_builder, suggest_id  # noqa: F401
 from cloak.registry import suggest
 
 log = logging.getLogger("cloak.models")
@@ -70,7 +70,7 @@ def sha256_file(path: Path) -> str:
 def spec_or_error(model_id: str) -> ModelSpec:
     spec = get_spec(model_id)
     if spec is None:
-        raise UsageError(f"unknown model id {model_id!r}{suggest(model_id, list(CATALOG))}",
+        raise UsageError(f"unknown model id {model_id!r}{suggest_id(model_id)}",
                          hint="`cloak models list` shows the ids; --model also takes a local diffusers directory")
     return spec
 
@@ -212,14 +212,79 @@ def pull(cache: Path, model_id: str, *, progress: Callable[[str], None] | None =
                 raise CloakError(f"checksum mismatch for {model_id}/{rel}: expected {pinned}, got {digests[rel]}; "
                                  "the file was removed")
     except CloakError:
+        _drop_if_empty(target)
         raise
     except Exception as exc:  # network and hub errors: say what failed, keep partial files for a retry
-        raise ModelUnavailableError(f"pulling {model_id} from {spec.source} failed: {exc}") from None
+        _drop_if_empty(target)  # a failed first pull leaves nothing that looks like a cached model
+        if is_network_error(exc):
+            raise ModelUnavailableError(
+                f"no network: cannot pull {model_id} from {spec.source} ({_first_line(exc)})",
+                hint=f"use a local copy: set models.{model_id} = \"/path/to/{model_id}\" in cloak.toml or pass "
+                     f"--model DIR; or pull from a mirror (HF_ENDPOINT=https://your-mirror for hub models), or "
+                     f"run `cloak models pull {model_id}` on a machine with network access and copy "
+                     f"{target} here") from None
+        raise ModelUnavailableError(f"pulling {model_id} from {spec.source} failed: {_first_line(exc)}") from None
     lock = read_lock(cache)
     lock[model_id] = {"source": spec.source, "revision": spec.revision, "files": digests}
     _write_lock(cache, lock)
     (target / COMPLETE).write_text("pulled\n")
     return target
+
+
+_NETWORK_WORDS = ("connect", "timeout", "timedout", "nameresolution", "offlinemode", "localentrynotfound",
+                  "maxretry", "protocolerror", "remotedisconnected")
+
+
+def is_network_error(exc: BaseException) -> bool:
+    """Whether ``exc`` (or anything it wraps) says the network could not be reached."""
+    import socket
+    import urllib.error
+
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (urllib.error.URLError, socket.gaierror, socket.timeout, ConnectionError, TimeoutError)):
+            return True
+        if any(word in type(exc).__name__.lower() for word in _NETWORK_WORDS):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def _drop_if_empty(target: Path) -> None:
+    try:
+        target.rmdir()  # only succeeds when nothing was downloaded
+    except OSError:
+        pass
+
+
+def dir_size(path: Path) -> int:
+    """Bytes on disk of the regular files under ``path`` (links not followed), as `hf cache scan` counts."""
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                st = os.lstat(os.path.join(root, name))
+            except OSError:
+                continue
+            total += st.st_size
+    return total
+
+
+def human_size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    size = float(n)
+    for unit in ("B", "K", "M", "G", "T"):
+        if size < 1024 or unit == "T":
+            return f"{size:.0f}{unit}" if unit == "B" else f"{size:.1f}{unit}"
+        size /= 1024
+    return f"{n}B"
 
 
 def _download(url: str, dest: Path) -> None:

@@ -220,6 +220,28 @@ def get_spec(model_id: str) -> ModelSpec | None:
     return CATALOG.get(model_id)
 
 
+def closest_ids(name: str, known: list[str] | None = None) -> list[str]:
+    """Ids the user may have meant: those starting with ``name`` (sd21 → sd21-base), then those containing
+    it, then near spellings (difflib). Shortest first within a kind, so the plain id leads."""
+    import difflib
+
+    known = list(CATALOG) if known is None else known
+    key = name.lower()
+    if not key:
+        return []
+    prefix = sorted((k for k in known if k.lower().startswith(key)), key=lambda k: (len(k), k))
+    inside = sorted((k for k in known if key in k.lower() and k not in prefix), key=lambda k: (len(k), k))
+    near = [k for k in difflib.get_close_matches(key, [k.lower() for k in known], n=3)]
+    near = [next(k for k in known if k.lower() == n) for n in near]
+    return list(dict.fromkeys(prefix + inside + near))
+
+
+def suggest_id(name: str, known: list[str] | None = None) -> str:
+    """`` (did you mean 'sd21-base'?)`` or an empty string."""
+    close = closest_ids(name, known)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def ids(kind: str | None = None) -> list[str]:
     return [k for k, v in CATALOG.items() if kind is None or v.kind == kind]
 

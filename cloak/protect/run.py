@@ -10,9 +10,9 @@ from cloak.errors import UsageError
 from cloak.io.report import Report, Stopwatch
 
 
-def run_protect(input_dir, output_dir, *, ref: str | None = None, eps: float | None = None,
-                eps_unit: str | None = None, steps: int | None = None, target_image: str | None = None,
-                common: Common | None = None, **kwargs) -> Report:
+def run_protect(input_dir, output_dir, *, ref: str | None = None, eps: float | str | None = None,
+                eps_unit: str | None = None, force_budget: bool = False, steps: int | None = None,
+                target_image: str | None = None, common: Common | None = None, **kwargs) -> Report:
     import shutil
 
     import torch
@@ -27,27 +27,19 @@ def run_protect(input_dir, output_dir, *, ref: str | None = None, eps: float | N
         raise UsageError("input and output directories are the same; inputs are never modified")
     run = VerbRun("protect", PROTECT, common, default_method="aspl", default_model="sd21-base",
                   output=output_dir, inputs=input_dir)
-    flag_layer: dict[str, Any] = {}
-    fields = run.method_cls.Options.model_fields
-    if eps is not None:
-        flag_layer["eps"] = eps
-    if eps_unit is not None:
-        from cloak.adversarial import UNITS
+    from cloak.adversarial.budget import budget_flag_layer, check_options_budget, unchanged_error
 
-        if eps_unit not in UNITS:
-            raise UsageError(f"unknown --eps-unit {eps_unit!r}; valid: {', '.join(UNITS)}")
-        flag_layer["unit"] = eps_unit
-        if "alpha" in fields and "alpha" not in common.options and "unit" in fields:
-            # A new unit converts the default step so it means the same thing.
-            from cloak.adversarial.budget import from_m11, to_m11
-
-            default_unit = fields["unit"].default
-            flag_layer["alpha"] = from_m11(to_m11(fields["alpha"].default, default_unit), eps_unit)
+    # --eps carries its unit (8/255, 8lv, or a number with --eps-unit); [protect] eps/eps_unit in cloak.toml too.
+    eps_unit = run.value("eps_unit", eps_unit, None)
+    eps = run.value("eps", eps, None)
+    force_budget = run.flag("force_budget", force_budget)
+    flag_layer: dict[str, Any] = budget_flag_layer(run.method_cls.Options, run.method_name, eps, eps_unit)
     if steps is not None:
         if not run.method_cls.steps_option:
             raise UsageError(f"{run.method_name} has no main step count for --steps")
         flag_layer[run.method_cls.steps_option] = steps
     opts, opts_record = run.options([("flag", flag_layer)])
+    check_options_budget(opts, run.method_name, force=force_budget)
     keep_metadata = run.flag("keep_metadata", common.keep_metadata)
     if target_image is not None:
         run.params["target_image"] = {"value": target_image, "source": "flag"}
@@ -111,6 +103,10 @@ def run_protect(input_dir, output_dir, *, ref: str | None = None, eps: float | N
         output_dir.mkdir(parents=True, exist_ok=True)
         for j, i in enumerate(todo):
             item = images.items[i]
+            unchanged = unchanged_error(q[j], q0[j])
+            if unchanged:  # an output equal to its input protects nothing: a failed item, not an ok one
+                run.add_item({"input": str(item.path), "status": "failed", "error": unchanged})
+                continue
             path = write_png(output_path(output_dir, item.name), q[j].permute(1, 2, 0).numpy(), force=True,
                              metadata=source_metadata(item.path) if keep_metadata else None)
             diff = (q[j].float() - q0[j])

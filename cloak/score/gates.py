@@ -8,11 +8,15 @@ Grammar::
     OP      := "<" | "<=" | ">" | ">=" | "==" | "!="
 
 A gate *fails* when its expression is true: ``--fail-if 'ism>0.35'`` fails the run when the mean ISM
-is above 0.35.
+is above 0.35. A gate that reads an undefined value (None or NaN: PSNR of identical images, NIQE of
+images too small for it, ISM without faces) fails too, unless ``undefined="pass"`` (``--undefined
+pass``): a CI gate must not pass because nothing could be measured. Metric names are matched
+without regard to case (``ISM`` is ``ism``).
 """
 
 from __future__ import annotations
 
+import math
 import operator
 import re
 from dataclasses import dataclass
@@ -22,6 +26,7 @@ from cloak.errors import UsageError
 OPS = {"<=": operator.le, ">=": operator.ge, "==": operator.eq, "!=": operator.ne, "<": operator.lt,
        ">": operator.gt}
 STATS = ("mean", "std", "n")
+UNDEFINED = ("fail", "pass")
 _TOKEN = re.compile(r"\s*(?:(?P<num>[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)|(?P<op><=|>=|==|!=|<|>)|"
                     r"(?P<word>[A-Za-z_][A-Za-z0-9_\-]*(?:\.[A-Za-z_]+)?))")
 
@@ -58,19 +63,31 @@ class Gate:
     def metrics(self) -> set[str]:
         return {o.metric for g in self.groups for c in g for o in (c.left, c.right) if o.metric}
 
-    def evaluate(self, table: dict[str, dict]) -> tuple[bool, str]:
-        """(failed, explanation). A clause on an undefined value (no faces, ...) is false."""
+    def evaluate(self, table: dict[str, dict], undefined: str = "fail") -> tuple[bool, str]:
+        """(failed, explanation). An undefined operand (None, NaN) fails the gate unless ``undefined="pass"``,
+        where the clause reading it is false."""
+        if undefined not in UNDEFINED:
+            raise UsageError(f"--undefined {undefined!r}; valid: {', '.join(UNDEFINED)}")
         parts = []
         any_group = False
+        missing = False
         for group in self.groups:
             group_true = True
             for c in group:
-                lv, rv = c.left.value(table), c.right.value(table)
+                lv, rv = _defined(c.left.value(table)), _defined(c.right.value(table))
+                missing = missing or lv is None or rv is None
                 ok = lv is not None and rv is not None and OPS[c.op](lv, rv)
                 parts.append(f"{_show(c.left, lv)} {c.op} {_show(c.right, rv)}")
                 group_true = group_true and ok
             any_group = any_group or group_true
-        return any_group, ", ".join(parts)
+        why = ", ".join(parts)
+        if missing and undefined == "fail":
+            return True, why + "; an undefined value fails the gate (--undefined pass lets it pass)"
+        return any_group, why
+
+
+def _defined(value):
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
 
 
 def _fmt(v) -> str:
@@ -133,12 +150,33 @@ def _operand(kind: str, value: str, text: str, known: list[str] | None) -> Opera
     stat = stat or "mean"
     if stat not in STATS:
         raise UsageError(f"--fail-if {text!r}: unknown statistic {stat!r}; valid: {', '.join(STATS)}")
-    if known is not None and metric not in known:
-        from cloak.registry import suggest
+    if known is not None:
         from cloak.score import SCORE
 
-        if metric in SCORE:
-            raise UsageError(f"--fail-if {text!r}: metric {metric!r} is not being computed",
-                             hint=f"add --metric {metric} (selected: {', '.join(known)})")
-        raise UsageError(f"--fail-if {text!r}: unknown metric {metric!r}{suggest(metric, known)}")
+        if metric_name(metric, SCORE.names(), None, strict=False) is not None and \
+                metric_name(metric, known, None, strict=False) is None:
+            canonical = metric_name(metric, SCORE.names(), None)
+            raise UsageError(f"--fail-if {text!r}: metric {canonical!r} is not being computed",
+                             hint=f"add --metric {canonical} (selected: {', '.join(known)})")
+        metric = metric_name(metric, known, f"--fail-if {text!r}")
     return Operand(metric, stat, None)
+
+
+def metric_name(name: str, known: list[str], where: str | None, *, strict: bool = True) -> str | None:
+    """``name`` as spelled in ``known``, matched without regard to case (``ISM`` → ``ism``).
+
+    Unknown: a usage error with a suggestion (``strict``), or None.
+    """
+    if name in known:
+        return name
+    folded = {k.lower(): k for k in known}
+    if name.lower() in folded:
+        return folded[name.lower()]
+    if name.replace("_", "-").lower() in folded:
+        return folded[name.replace("_", "-").lower()]
+    if not strict:
+        return None
+    from cloak.registry import suggest
+
+    close = suggest(name.lower(), list(folded))
+    raise UsageError(f"{where + ': ' if where else ''}unknown metric {name!r}{close}; valid: {', '.join(known)}")

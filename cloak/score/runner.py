@@ -109,11 +109,29 @@ def _prompt_means(images: list[ScoreImage], values: dict[str, list]) -> dict[str
     return {g: {m: aggregate([v[i] for i in idx])["mean"] for m, v in values.items()} for g, idx in groups.items()}
 
 
+def _typed(run, key: str, flag: Any, default: Any, kind: str) -> Any:
+    """A [score] value from flag or cloak.toml, of the type the key needs (a usage error naming the key)."""
+    from cloak.config import check_type, key_error
+
+    value = run.value(key, flag, default)
+    if value is not None and run.params[key]["source"] == "config" and not check_type(value, kind):
+        raise key_error(run.cfg.path, f"score.{key}", value, kind)
+    return value
+
+
+def _texts(value: str | list[str] | None) -> list[str]:
+    return [] if value is None else ([value] if isinstance(value, str) else list(value))
+
+
 def score_run(generated_dir, *, ref: str | None, metrics: list[str] | None, fail_if: list[str] | None,
-              report_path: str | None, per_subdir: bool | None, sheet: str | None, common) -> Report:
+              report_path: str | None, per_subdir: bool | None, sheet: str | None, common,
+              undefined: str | None = None) -> Report:
+    import logging
+
     from cloak._verb import VerbRun
+    from cloak.config import check_type, key_error
     from cloak.score import SCORE
-    from cloak.score.gates import parse_gate
+    from cloak.score.gates import UNDEFINED, metric_name, parse_gate
 
     generated_dir = Path(generated_dir)
     for flag, path in (("--report", report_path), ("--sheet", sheet)):
@@ -121,19 +139,39 @@ def score_run(generated_dir, *, ref: str | None, metrics: list[str] | None, fail
             raise UsageError(f"{flag} {path} is a directory; give a file name")
     run = VerbRun("score", SCORE, common, default_method="fdfr", default_model=None)
     run.method_name = None
-    metric_names = run.value("metrics", metrics or None, DEFAULT_METRICS_WITH_REF if ref else DEFAULT_METRICS_NO_REF)
+    metric_names = _typed(run, "metrics", metrics or None,
+                          DEFAULT_METRICS_WITH_REF if ref else DEFAULT_METRICS_NO_REF, "str_list")
     if isinstance(metric_names, str):
         metric_names = [m.strip() for m in metric_names.split(",") if m.strip()]
-    metric_names = list(dict.fromkeys(metric_names))
-    for name in metric_names:
-        SCORE.entry(name)  # unknown names → usage error with a suggestion
-    per_subdir = bool(run.value("per_subdir", per_subdir, False))
-    sheet = run.value("sheet", sheet, None)
-    config_gates = run.cfg.verb("score").get("fail_if", [])
-    gate_texts = list(fail_if or []) or ([config_gates] if isinstance(config_gates, str) else list(config_gates))
-    run.params["fail_if"] = {"value": gate_texts, "source": "flag" if fail_if else
-                             ("config" if gate_texts else "default")}
-    gates = [parse_gate(g, metric_names) for g in gate_texts]
+    # Case does not matter (ISM is ism); unknown names → usage error with a suggestion.
+    metric_names = list(dict.fromkeys(metric_name(n, SCORE.names(), "--metric") for n in metric_names))
+    per_subdir = _typed(run, "per_subdir", per_subdir, False, "bool")
+    sheet = _typed(run, "sheet", sheet, None, "str")
+    undefined = _typed(run, "undefined", undefined, "fail", "str")
+    if undefined not in UNDEFINED:
+        raise UsageError(f"--undefined {undefined!r}; valid: {', '.join(UNDEFINED)}")
+    # Gates from cloak.toml and --fail-if add up. A config gate applies only when its metrics are computed in
+    # this run (a [score] gate on ism must not break `cloak score --metric psnr`); a --fail-if gate on a
+    # metric not computed is a usage error.
+    config_value = run.cfg.verb("score").get("fail_if")
+    if config_value is not None and not check_type(config_value, "str_list"):
+        raise key_error(run.cfg.path, "score.fail_if", config_value, "str_list")
+    gates, gate_texts = [], []
+    for text in _texts(config_value):
+        gate = parse_gate(text, SCORE.names())
+        absent = sorted(gate.metrics() - set(metric_names))
+        if absent:
+            note = f"config gate {text!r} not applied: {', '.join(absent)} not computed in this run"
+            run.warnings.append(note)
+            logging.getLogger("cloak").warning(note)
+            continue
+        gates.append(gate)
+        gate_texts.append(text)
+    for text in fail_if or []:
+        gates.append(parse_gate(text, metric_names))
+        gate_texts.append(text)
+    sources = [s for s, given in (("config", config_value), ("flag", fail_if)) if given]
+    run.params["fail_if"] = {"value": gate_texts, "source": "+".join(sources) or "default"}
     needing_ref = [n for n in metric_names if SCORE.get(n).needs_ref]
     if needing_ref and ref is None:
         raise UsageError(f"metric(s) {', '.join(needing_ref)} need the clean reference set: pass --ref DIR")
@@ -188,12 +226,13 @@ def score_run(generated_dir, *, ref: str | None, metrics: list[str] | None, fail
             means = [s.table[name]["mean"] for s in subjects]
             stats = aggregate(means)
             stats["n_images"] = sum(s.table[name]["n"] for s in subjects)
-            table[name] = {**stats, **info}
+            extras = _merge_extras([s.table[name].get("extras", {}) for s in subjects])
+            table[name] = {**stats, **({"extras": extras} if extras else {}), **info}
         else:
             table[name] = {**subjects[0].table[name], **info}
     gate_results = []
     for gate in gates:
-        failed, why = gate.evaluate(table)
+        failed, why = gate.evaluate(table, undefined)
         gate_results.append({"gate": gate.text, "failed": failed, "values": why})
     summary: dict[str, Any] = {"metrics": table, "gates": gate_results, "n_images": n_images}
     if per_subdir:
@@ -218,14 +257,35 @@ def score_run(generated_dir, *, ref: str | None, metrics: list[str] | None, fail
         target = Path(report_path)
         target.parent.mkdir(parents=True, exist_ok=True)
         report.write(target.parent, target.name)
+    # Exit precedence: a partial failure (5: some images unread, so every figure is over a subset) beats a
+    # failed gate (6); the failed gates are still named in the message and the report.
     failed_gates = [g for g in gate_results if g["failed"]]
-    if failed_gates:
-        exc = GateFailed("; ".join(f"gate failed: {g['gate']} ({g['values']})" for g in failed_gates))
-        exc.report = report
-        raise exc
+    gate_text = "; ".join(f"gate failed: {g['gate']} ({g['values']})" for g in failed_gates)
     failed = sum(1 for i in run.items if i.status == "failed")
     if failed:
-        exc = PartialFailure(f"{failed} image(s) could not be read")
+        exc = PartialFailure(f"{failed} image(s) could not be read" + (f"; also {gate_text}" if gate_text else ""))
+        exc.report = report
+        raise exc
+    if failed_gates:
+        exc = GateFailed(gate_text)
         exc.report = report
         raise exc
     return report
+
+
+def _merge_extras(per_subject: list[dict[str, Any]]) -> dict[str, Any]:
+    """One top-level ``extras`` from the subjects': a value all subjects share (backend) is kept, counts
+    (ints) are summed, figures (floats, e.g. ism_det) are the mean over the subjects that have one."""
+    out: dict[str, Any] = {}
+    for key in dict.fromkeys(k for extras in per_subject for k in extras):
+        values = [e.get(key) for e in per_subject]
+        present = [v for v in values if v is not None]
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in present) and present:
+            out[key] = sum(present)
+        elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in present) and present:
+            out[key] = float(np.mean(present))
+        elif all(v == values[0] for v in values):
+            out[key] = values[0]
+        else:
+            out[key] = {"per_subject": values}
+    return out
