@@ -24,7 +24,6 @@ from pathlib import Path
 from cloak.errors import CloakError, ModelUnavailableError, UsageError
 from cloak.io.output import apply_umask, publish_dir, staging_dir
 from cloak.models.catalog import _EXTRA, CATALOG, ModelSpec, get_spec, register_builder, suggest_id  # noqa: F401
-from cloak.registry import suggest
 
 log = logging.getLogger("cloak.models")
 COMPLETE = ".complete"
