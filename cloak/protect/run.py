@@ -51,7 +51,8 @@ def run_protect(input_dir, output_dir, *, ref: str | None = None, eps: float | N
     if target_image is not None:
         run.params["target_image"] = {"value": target_image, "source": "flag"}
 
-    ctx = run.context(extras={"target_image": target_image})
+    ctx = run.context(extras={"target_image": target_image,
+                              "state_dir": output_dir / ".cloak-state", "resume": common.resume})
     resolution = run.model_resolution()
     ctx.resolution = resolution
     images = read_images(input_dir, resolution, keep_going=common.keep_going)
