@@ -185,10 +185,11 @@ class InterruptingProgress:
 
 
 RESUME_CASES = {
-    # method: (options, name of the loop's progress task, interrupt on this advance)
+    # method: (options, name of the loop's progress task, interrupt on this advance); MetaCloak stops after
+    # round 3 of 6, inside a snapshot (2 rounds each), so the learner resumes from the checkpointed weights.
     "aspl": ({"iterations": 3}, "aspl", 2),
     "fsmg": ({"steps": 4, "checkpoint_every": 1}, "fsmg", 3),
-    "metacloak": ({"pool_steps": 4, "snapshot_interval": 2, "advance_steps": 1, "pgd_steps": 1}, "metacloak", 2),
+    "metacloak": ({"pool_steps": 4, "snapshot_interval": 2, "advance_steps": 1, "pgd_steps": 1}, "metacloak", 3),
     "cap": ({"iterations": 3}, "cap+aspl", 2),
     "dladiff": ({"epochs": 3}, "dladiff layer 1", 2),
 }
