@@ -368,7 +368,7 @@ def test_simac_feature_term_gradient_only_without_compat(tiny_sd, shared_cache, 
     for lam in (0.0, 1.0):
         _, make = _simac(feature_weight=lam)
         m = make(shared_cache, compat=compat)
-        m._clean_latents = LatentCache.encode(tiny_sd.vae, x0)
+        m._clean_latents = [LatentCache.encode(tiny_sd.vae, x0)]  # one per shape bucket
         m.ctx.generator.manual_seed(3)
         draw = m.draw(tiny_sd, x)
         xg = x.clone().requires_grad_(True)

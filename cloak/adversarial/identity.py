@@ -38,11 +38,14 @@ def square_box(box, height: int, width: int, margin: float = 0.0) -> tuple[int, 
     return left, top, left + side, top + side
 
 
-def crop_resize(x: torch.Tensor, regions: list[Region], size: int) -> torch.Tensor:
-    """Each image's region resized to ``size``² (bicubic, antialiased), differentiable in ``x``."""
+def crop_resize(x, regions: list[Region], size: int) -> torch.Tensor:
+    """Each image's region resized to ``size``² (bicubic, antialiased), differentiable in ``x``.
+
+    ``x``: a B×3×H×W tensor or a sequence of 3×h×w images of different shapes (each region is in its own
+    image's pixels)."""
     out = []
     for i, region in enumerate(regions):
-        img = x[i:i + 1]
+        img = x[i].unsqueeze(0)
         if region.box is not None:
             x1, y1, x2, y2 = region.box
             img = img[:, :, y1:y2, x1:x2]
@@ -71,7 +74,7 @@ class IdentityLoss:
     embedding of every image away from its clean counterpart.
     """
 
-    def __init__(self, encoders, regions: list[Region], clean: torch.Tensor):
+    def __init__(self, encoders, regions: list[Region], clean):
         self.encoders = list(encoders)
         self.regions = list(regions)
         self.views = [face_view(enc, clean, self.regions) for enc in self.encoders]
@@ -83,7 +86,7 @@ class IdentityLoss:
         """Per encoder, the raw embeddings (B×D) of the images' crops."""
         return [enc(view(x)).float() for enc, view in zip(self.encoders, self.views)]
 
-    def similarities(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def similarities(self, x) -> list[torch.Tensor]:
         """Per encoder, the per-image cosine similarity (B,) to the clean embedding."""
         return [(F.normalize(emb, dim=-1) * ref).sum(-1) for emb, ref in zip(self.embeddings(x), self.reference)]
 

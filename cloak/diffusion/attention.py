@@ -37,7 +37,7 @@ class _RecordingProcessor:
                  *args, **kwargs):
         rec = self.recorder
         if (encoder_hidden_states is None or hidden_states.ndim != 3
-                or hidden_states.shape[1] != rec.resolution * rec.resolution or attn.spatial_norm is not None):
+                or hidden_states.shape[1] != rec.positions or attn.spatial_norm is not None):
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
         batch, _, _ = hidden_states.shape
         residual = hidden_states
@@ -71,6 +71,9 @@ class CrossAttentionRecorder:
             raise ValueError(f"unknown UNet place(s) {bad}; valid: {PLACES}")
         self.unet = unet
         self.resolution = int(resolution)
+        # Spatial positions of the layers to record: resolution² for square latents; a caller running
+        # non-square images sets the (h/k)·(w/k) of the level whose short side is ``resolution``.
+        self.positions = self.resolution * self.resolution
         self.places = tuple(places)
         self.compat_half_heads = compat_half_heads
         self._saved = None
@@ -110,6 +113,7 @@ class CrossAttentionRecorder:
     def maps(self) -> torch.Tensor:
         """B × resolution² × T: mean over heads, then over the recorded layers."""
         if not self._maps:
-            raise RuntimeError(f"no cross-attention map of size {self.resolution}×{self.resolution} was recorded "
+            raise RuntimeError(f"no cross-attention map of size {self.resolution}×{self.resolution} "
+                               f"({self.positions} positions) was recorded "
                                f"(UNet parts {self.places}); choose a resolution the UNet attends at")
         return torch.stack(self._maps).mean(0)

@@ -46,6 +46,14 @@ def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _mismatch(directory: Path, theirs: dict, ours: dict, what: str) -> UsageError:
+    theirs, ours = _flat(theirs), _flat(json.loads(json.dumps(ours, default=str)))
+    changed = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+    return UsageError(f"the {what} in {directory} was made with other settings "
+                      f"(differs in: {', '.join(changed) or 'unknown'})",
+                      hint=f"drop --resume (or delete the {directory.name} directory) to start over")
+
+
 class TrainingCheckpoint:
     """Save / restore one training loop's state in ``directory`` every ``every`` steps."""
 
@@ -107,11 +115,7 @@ class TrainingCheckpoint:
 
         state = json.loads((self.directory / STATE).read_text(encoding="utf-8"))
         if state.get("fingerprint") != self.fingerprint:
-            theirs, ours = _flat(state.get("identity", {})), _flat(json.loads(json.dumps(self.identity, default=str)))
-            changed = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
-            raise UsageError(f"the training checkpoint in {self.directory} was made with other settings "
-                             f"(differs in: {', '.join(changed) or 'unknown'})",
-                             hint="drop --resume (or delete the .checkpoint directory) to start over")
+            raise _mismatch(self.directory, state.get("identity", {}), self.identity, "training checkpoint")
         tensors = load_file(str(self.directory / TENSORS))
         if len(tensors) - 1 != len(params):
             raise UsageError(f"the training checkpoint in {self.directory} does not match this model")
@@ -125,3 +129,93 @@ class TrainingCheckpoint:
 
     def clear(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+class LoopCheckpoint:
+    """The state of a group protect method's outer loop in one file, ``<output>/.cloak-state/state.pt``.
+
+    Same contract as :class:`TrainingCheckpoint` (fingerprinted settings, the run's generator state,
+    the loop's bookkeeping) for loops that hold several models or none: the caller hands named tensors
+    (the perturbed set, surrogate weights, optimizer state dicts) and gets them back. The file is
+    written to a temporary name and moved over the old one with ``os.replace``, so a kill at any moment
+    leaves either the previous checkpoint or the new one, never half a file. ``progress.json`` beside it
+    says which iteration it holds (for people and for the interrupt message).
+    """
+
+    FILE = "state.pt"
+    INFO = "progress.json"
+
+    def __init__(self, directory: Path | None, identity: dict[str, Any], *, resume: bool, unit: str):
+        self.directory = Path(directory) if directory is not None else None
+        self.identity = identity
+        self.fingerprint = fingerprint(identity)
+        self.resume = resume
+        self.unit = unit
+
+    @classmethod
+    def for_run(cls, ctx, identity: dict[str, Any], unit: str) -> LoopCheckpoint:
+        """This run's checkpoint; a disabled one (saves and restores nothing) when the runner gave no place."""
+        extras = getattr(ctx, "extras", None) or {}
+        return cls(extras.get("state_dir"), identity, resume=bool(extras.get("resume")), unit=unit)
+
+    @property
+    def enabled(self) -> bool:
+        return self.directory is not None
+
+    def _replace(self, name: str, write) -> None:
+        tmp = self.directory / f".{name}.tmp-{os.getpid()}"
+        try:
+            write(tmp)
+            os.replace(tmp, self.directory / name)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def save(self, count: int, total: int, generator: torch.Generator, tensors: dict[str, Any],
+             loop: dict[str, Any]) -> None:
+        """Checkpoint after ``count`` of ``total`` units; ``tensors`` may nest lists/dicts of tensors."""
+        if not self.enabled:
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        payload = {"fingerprint": self.fingerprint, "count": count, "rng": generator.get_state(),
+                   "tensors": _to_cpu(tensors), "loop": loop}
+        self._replace(self.FILE, lambda path: torch.save(payload, path))
+        info = {"unit": self.unit, "done": count, "total": total, "fingerprint": self.fingerprint,
+                "identity": self.identity}
+        self._replace(self.INFO, lambda path: path.write_text(json.dumps(info, default=str), encoding="utf-8"))
+        log.debug("checkpoint: %s %d of %d saved in %s", self.unit, count, total, self.directory)
+
+    def restore(self, generator: torch.Generator) -> dict[str, Any] | None:
+        """The saved state ({count, tensors, loop}) with ``generator`` set to the saved state; None when not
+        resuming or nothing was saved. A checkpoint made with other settings is a usage error."""
+        if not (self.enabled and self.resume):
+            return None
+        path = self.directory / self.FILE
+        if not path.is_file():
+            log.info("--resume: no checkpoint in %s; starting from the beginning", self.directory)
+            return None
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if state.get("fingerprint") != self.fingerprint:
+            theirs = {}
+            info = self.directory / self.INFO
+            if info.is_file():
+                theirs = json.loads(info.read_text(encoding="utf-8")).get("identity", {})
+            raise _mismatch(self.directory, theirs, self.identity, "checkpoint")
+        generator.set_state(state["rng"])
+        log.info("resuming after %s %d from %s", self.unit, state["count"], self.directory)
+        return state
+
+    def clear(self) -> None:
+        """The run finished: its state is no longer needed."""
+        if self.enabled:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _to_cpu(tree: Any) -> Any:
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().cpu().clone()
+    if isinstance(tree, dict):
+        return {k: _to_cpu(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_to_cpu(v) for v in tree)
+    return tree

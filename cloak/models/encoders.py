@@ -90,7 +90,8 @@ class DlibResNetEncoder(IdentityEncoder):
         from cloak.models.archs.dlib_resnet import extract_chips, face_chip_matrix
 
         matrices, sources = [], []
-        for i, rgb in enumerate(to_uint8(clean)):
+        for i, image in enumerate(clean):  # a B×3×H×W tensor or images of their own shapes
+            rgb = to_uint8(image)
             box = regions[i].box if regions is not None and i < len(regions) else None
             points, source = self.analyzer.landmarks(rgb, box)
             matrices.append(face_chip_matrix(points, self.input_size))

@@ -29,13 +29,15 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 
 from cloak.adversarial import pgd_step
+from cloak.adversarial.groups import Groups, center_crop, loss_and_grad, loss_value, square_crops
 from cloak.diffusion import Draw, LatentCache, encode_latents, encode_prompts, sample_noise, training_target
 from cloak.diffusion.class_images import class_images
 from cloak.diffusion.dreambooth import DreamBoothConfig, DreamBoothTrainer, autocast_for, copy_params
 from cloak.diffusion.surrogate import SnapshotPool
 from cloak.io.images import ImageSet
 from cloak.methods import MethodOptions
-from cloak.protect.base import BudgetOptions, ProtectMethod, ProtectResult
+from cloak.protect.base import (BudgetOptions, ProtectMethod, ProtectResult, load_weights, restore_groups,
+                                weights_of)
 
 
 class SurrogateOptions(BudgetOptions):
@@ -150,32 +152,73 @@ class Aspl(ProtectMethod):
     # --- the run --------------------------------------------------------------------------------
     def __call__(self, images: ImageSet) -> ProtectResult:
         ctx = self.ctx
-        x0 = images.pixels.to(ctx.device, ctx.dtype)
-        clean = (ctx.ref.pixels if ctx.ref is not None else images.pixels).to(ctx.device, ctx.dtype)
+        x0 = Groups.of(images, ctx.device, ctx.dtype)
+        clean = self.clean_set(images)
         ids = self.model_ids()
         if len(ids) > 1:
             return self._ensemble(x0, clean)
         sd = ctx.models.sd(ids[0] if ids else ctx.model)
-        self.prepare_target(sd, x0.shape[0])
+        self.prepare_target(sd, x0)
         learner, surrogate = self.surrogate_pair(sd, clean)
         self.prepare(sd, x0)
         state = {"ref": self._ref_latents, "cursors": [0, 0]}
         iterations = ctx.iters(self.opts.iterations)
         x = x0.clone()
-        history = []
+        history: list[float] = []
+        # Checkpoint after every iteration: x, f's weights, the generator, the counters. f' is copied from
+        # f and both optimizers are reset at the start of every iteration, so nothing else carries over.
+        checkpoint = self.loop_checkpoint(x0, "iteration")
+        start = 0
+        saved = checkpoint.restore(ctx.generator)
+        if saved is not None:
+            start, x = saved["count"], restore_groups(saved["tensors"]["x"], x0)
+            load_weights(surrogate.params, saved["tensors"]["surrogate"])
+            history, state["cursors"] = saved["loop"]["history"], saved["loop"]["cursors"]
+            self.restore_loop(saved["loop"])
         with ctx.progress.task(self.name or "aspl", iterations) as bar:
-            for it in range(iterations):
+            if start:
+                bar.advance(start, status="resumed")
+            for it in range(start, iterations):
                 x, loss = self.iteration(sd, learner, surrogate, x, x0, state)
                 history.append(loss)
                 self.save_snapshot(x, it + 1, "iteration")
+                checkpoint.save(it + 1, iterations, ctx.generator,
+                                {"x": x.parts, "surrogate": weights_of(surrogate.params)},
+                                {"history": history, "cursors": state["cursors"], **self.loop_state()})
                 bar.advance(1, status=f"loss {loss:.4f}")
-        return ProtectResult(x.detach(), summary=self.summary(history))
+        checkpoint.clear()
+        return ProtectResult(x.detach().result(), summary=self.summary(history))
 
-    def save_snapshot(self, x: torch.Tensor, count: int, unit: str) -> None:
+    def loop_state(self) -> dict[str, Any]:
+        """Counters a checkpoint keeps besides the set and the weights (plug-ins add theirs)."""
+        return {"pgd_steps_done": self.pgd_steps_done}
+
+    def restore_loop(self, loop: dict[str, Any]) -> None:
+        self.pgd_steps_done = loop["pgd_steps_done"]
+
+    _crop_size = 0
+
+    def crop_size(self, images=None) -> int:
+        """Side of the square crops the surrogates train on: the working resolution (the working copies'
+        short side), as an attacker's DreamBooth ``--resolution`` with ``--center_crop``."""
+        if self.ctx.resolution:
+            return self.ctx.resolution
+        tensors = images.tensors if images is not None else []
+        return min((min(t.shape[-2:]) for t in tensors), default=0)
+
+    def clean_set(self, images: ImageSet) -> torch.Tensor:
+        """The clean reference set A as square crops (--ref arrives square; the input images stand in
+        for it otherwise, centre-cropped)."""
+        ctx = self.ctx
+        self._crop_size = self.crop_size(images)
+        source = ctx.ref if ctx.ref is not None else images
+        return square_crops(source, self._crop_size, ctx.device, ctx.dtype)
+
+    def save_snapshot(self, x: Groups, count: int, unit: str) -> None:
         """Hand the set to the verb's writer after every ``save_every`` units (iterations, or FSMG's steps)."""
         every = getattr(self.opts, "save_every", 0)
         if every and count % every == 0 and self.ctx.snapshot is not None:
-            self.ctx.snapshot(f"{unit}-{count:04d}", x.detach())
+            self.ctx.snapshot(f"{unit}-{count:04d}", x.detach().result())
 
     def iteration(self, sd, learner: DreamBoothTrainer, surrogate: DreamBoothTrainer, x, x0, state: dict):
         """One ASPL iteration: f' ← DB(copy(f), A, n); K PGD steps against f'; f ← DB(f, x, n)."""
@@ -190,9 +233,9 @@ class Aspl(ProtectMethod):
         cursors[0] = self.tune(learner, ref_latents.sample, len(ref_latents), n_f, cursors[0])
         learner.freeze()
         x, loss = self.pgd(sd, learner.unet, learner.text_encoder, x, x0, n_pgd, o.eps_m11, o.alpha_m11)
-        # f ← DB(f, x, n): the surrogate follows the poisoned learner.
+        # f ← DB(f, x, n): the surrogate follows the poisoned learner (on square crops of the working copies).
         surrogate.reset_optimizer()
-        poison = _PixelLatents(surrogate, x.detach())
+        poison = _PixelLatents(surrogate, x.detach(), self._crop_size)
         cursors[1] = self.tune(surrogate, poison.sample, len(x), n_f, cursors[1])
         return x, loss
 
@@ -218,7 +261,7 @@ class Aspl(ProtectMethod):
     def model_ids(self) -> list[str]:
         return list(getattr(self.opts, "models", None) or [])
 
-    def prepare(self, sd, x0: torch.Tensor) -> None:
+    def prepare(self, sd, x0: Groups) -> None:
         """Hook run once before the loop (SimAC selects its timesteps here)."""
 
     # --- pieces shared with the other members of the family (FSMG, SimAC, MetaCloak, CAP hosts) -----
@@ -260,20 +303,22 @@ class Aspl(ProtectMethod):
             trainer.step(sample([i], self.ctx.generator), cls)
         return start + steps
 
-    def pgd(self, sd, unet, text_encoder, x, x0, steps: int, eps: float, alpha: float, bar=None, on_step=None):
-        """``steps`` PGD ascent steps on the loss of the frozen (unet, text_encoder); whole batch per step.
+    def pgd(self, sd, unet, text_encoder, x: Groups, x0: Groups, steps: int, eps: float, alpha: float, bar=None,
+            on_step=None):
+        """``steps`` PGD ascent steps on the loss of the frozen (unet, text_encoder); whole set per step.
 
-        Each step draws its randomness once (``draw``) and hands ``update`` a loss of x alone, so a
-        plug-in (CAP) can evaluate several candidate steps on the same draw.
+        Each step draws its randomness once (``draw``, bucket by bucket) and hands ``update`` a loss of x
+        alone, so a plug-in (CAP) can evaluate several candidate steps on the same draw.
         """
         with torch.no_grad():
             text = encode_prompts(sd.tokenizer, text_encoder, [self.opts.instance_prompt])
         loss_value = float("nan")
         for _ in range(steps):
-            draw = self.draw(sd, x)
+            draws = [self.draw(sd, part, idx) for part, idx in zip(x.parts, x.indices)]
 
-            def loss_fn(pixels, rows: slice | None = None, draw=draw):
-                return self.loss(sd, unet, pixels, text, draw if rows is None else draw.rows(rows), rows=rows)
+            def loss_fn(pixels, bucket: int, rows: slice | None = None, draws=draws):
+                draw = draws[bucket] if rows is None else draws[bucket].rows(rows)
+                return self.loss(sd, unet, pixels, text, draw, rows=rows, bucket=bucket)
 
             x, loss_value = self.update(x, x0, loss_fn, eps, alpha)
             self.pgd_steps_done += 1
@@ -283,24 +328,28 @@ class Aspl(ProtectMethod):
                 bar.advance(1, status=f"loss {loss_value:.4f}")
         return x.detach(), loss_value
 
-    def latent_shape(self, sd, x) -> tuple[int, int, int]:
+    def latent_shape(self, sd, x, pixel_shape: tuple[int, int] | None = None) -> tuple[int, int, int]:
         f = sd.vae_scale_factor
-        return (sd.unet.config.in_channels, x.shape[-2] // f, x.shape[-1] // f)
+        h, w = pixel_shape or x.shape[-2:]
+        return (sd.unet.config.in_channels, h // f, w // f)
 
-    def draw_timesteps(self, sd, x) -> torch.Tensor | None:
+    def draw_timesteps(self, sd, x, indices: list[int] | None = None) -> torch.Tensor | None:
         """Timesteps of one PGD step; None = uniform over all T (SimAC restricts them per image)."""
         return None
 
-    def draw(self, sd, x) -> FamilyDraw:
-        shape = self.latent_shape(sd, x)
+    def draw(self, sd, x, indices: list[int] | None = None, pixel_shape: tuple[int, int] | None = None
+             ) -> FamilyDraw:
+        """One draw for the images ``x`` of one bucket (``indices``: their positions in the set);
+        ``pixel_shape``: the size the loss sees when a transform changes it (MetaCloak's EoT)."""
+        shape = self.latent_shape(sd, x, pixel_shape)
         d = Draw.sample(x.shape[0], shape, sd.noise_scheduler, self.ctx.generator, x.device,
-                        timesteps=self.draw_timesteps(sd, x))
+                        timesteps=self.draw_timesteps(sd, x, indices))
         extra = {}
         if self._target_latents is not None:
             extra["step_noise"] = sample_noise((x.shape[0], *shape), self.ctx.generator, x.device)
         return FamilyDraw(d.timesteps, d.noise, d.posterior_noise, extra)
 
-    def loss(self, sd, unet, pixels, text, draw: Draw, rows: slice | None = None) -> torch.Tensor:
+    def loss(self, sd, unet, pixels, text, draw: Draw, rows: slice | None = None, bucket: int = 0) -> torch.Tensor:
         """L_dn of ``pixels`` (gradient flows through the VAE encoder) on one fixed draw; with a target,
         the targeted loss of protect.md §1."""
         latents = encode_latents(sd.vae, pixels, posterior_noise=draw.posterior_noise)
@@ -316,7 +365,7 @@ class Aspl(ProtectMethod):
             return loss
         # T-ASPL/T-FSMG [C]: pull the model's one-step denoised ẑ_{t−1} towards the target's q(z_tgt, ε, t−1).
         prev = ddpm_prev_sample(scheduler, pred.float(), draw.timesteps, noisy.float(), draw.extra["step_noise"])
-        z_tgt = self._target_latents.float().expand_as(prev)
+        z_tgt = self._target_latents[bucket].float().expand_as(prev)
         t_prev = (draw.timesteps - 1).clamp(min=0)
         # t = 0: q(z_tgt, ε, −1) is z_tgt itself (ᾱ_{−1} = 1, as scheduler.step treats t−1 < 0). The released
         # code's add_noise(…, t−1) indexes ᾱ[−1] = ᾱ_{T−1} there, a 1-in-1000 wrap-around we do not copy.
@@ -324,48 +373,29 @@ class Aspl(ProtectMethod):
                                scheduler.add_noise(z_tgt, draw.noise.float(), t_prev), z_tgt)
         return loss - self.opts.target_weight * F.mse_loss(prev, tgt_prev)
 
-    def update(self, x, x0, loss_fn, eps: float, alpha: float):
-        """One PGD ascent step (sign of ∇ₓ loss), projected to the budget. Plug-ins override this."""
+    def update(self, x: Groups, x0: Groups, loss_fn, eps: float, alpha: float):
+        """One PGD ascent step (sign of ∇ₓ loss), projected to the budget per image. Plug-ins override this."""
         loss, grad = self.loss_and_grad(x, loss_fn)
-        return pgd_step(x.detach(), grad, x0, alpha, eps), loss
+        return x.map(lambda p, g, p0: pgd_step(p.detach(), g, p0, alpha, eps), grad, x0), loss
 
     def chunks(self, n: int) -> list[slice] | None:
         """Row slices of ``pgd_batch`` images, or None when the whole set goes through at once."""
         size = getattr(self.opts, "pgd_batch", 0)
         return [slice(i, min(i + size, n)) for i in range(0, n, size)] if 0 < size < n else None
 
-    def loss_and_grad(self, x: torch.Tensor, loss_fn) -> tuple[float, torch.Tensor]:
-        """The step's loss (the mean over the set) and ∇ₓ of it, in ``pgd_batch`` chunks when asked.
+    def loss_and_grad(self, x: Groups, loss_fn) -> tuple[float, Groups]:
+        """The step's loss (the mean over the set) and ∇ₓ of it, bucket by bucket and in ``pgd_batch``
+        chunks when asked (cloak.adversarial.groups.loss_and_grad)."""
+        return loss_and_grad(x, loss_fn, self.chunks)
 
-        Every term of the family's losses is a mean of per-image means of equal size, so the chunk
-        losses weighted by their share of the set add up to the whole set's loss, and so do the
-        gradients; each chunk keeps its images' draws."""
-        chunks = self.chunks(x.shape[0])
-        if chunks is None:
-            x = x.detach().requires_grad_(True)
-            loss = loss_fn(x)
-            (grad,) = torch.autograd.grad(loss, x)
-            return float(loss.detach()), grad
-        total, grads = 0.0, []
-        for rows in chunks:
-            part = x[rows].detach().requires_grad_(True)
-            loss = loss_fn(part, rows) * ((rows.stop - rows.start) / x.shape[0])
-            (g,) = torch.autograd.grad(loss, part)
-            grads.append(g)
-            total += float(loss.detach())
-        return total, torch.cat(grads)
-
-    @torch.no_grad()
-    def loss_value(self, x: torch.Tensor, loss_fn) -> float:
-        """The step's loss at ``x`` without a gradient (CAP's candidates), chunked like ``loss_and_grad``."""
-        chunks = self.chunks(x.shape[0])
-        if chunks is None:
-            return float(loss_fn(x))
-        return sum(float(loss_fn(x[rows], rows)) * (rows.stop - rows.start) / x.shape[0] for rows in chunks)
+    def loss_value(self, x: Groups, loss_fn) -> float:
+        """The step's loss at ``x`` without a gradient (CAP's candidates), pieced like ``loss_and_grad``."""
+        return loss_value(x, loss_fn, self.chunks)
 
     # --- T-ASPL / T-FSMG --------------------------------------------------------------------------
-    def prepare_target(self, sd, n: int) -> None:
-        """Encode the target image once (a posterior sample, as released) when one is given."""
+    def prepare_target(self, sd, x0: Groups | None) -> None:
+        """Encode the target image once per working shape (a posterior sample, as released) when one is given:
+        the target is loaded at each bucket's shape, so a uniform set encodes it once, as before."""
         from cloak.adversarial.target import describe, load_target, target_path
 
         supports = "target_image" in type(self.opts).model_fields
@@ -378,14 +408,17 @@ class Aspl(ProtectMethod):
             self._target_latents = None
             return
         res = self.ctx.resolution or sd.resolution
-        pixels = load_target(path, (res, res)).to(self.ctx.device, self.ctx.dtype)
-        with torch.no_grad():
-            self._target_latents = encode_latents(sd.vae, pixels, self.ctx.generator)
+        latents = []
+        for shape in (x0.shapes if x0 is not None else [(res, res)]):
+            pixels = load_target(path, shape).to(self.ctx.device, self.ctx.dtype)
+            with torch.no_grad():
+                latents.append(encode_latents(sd.vae, pixels, self.ctx.generator))
+        self._target_latents = latents
         source = "flag" if self.ctx.extras.get("target_image") else "option"
         self._target_record = {**describe(path, source), "weight": self.opts.target_weight}
 
     # --- E-ASPL -------------------------------------------------------------------------------------
-    def _ensemble(self, x0: torch.Tensor, clean: torch.Tensor) -> ProtectResult:
+    def _ensemble(self, x0: Groups, clean: torch.Tensor) -> ProtectResult:
         ctx, ids = self.ctx, self.model_ids()
         members = [_Member(mid, role=f"ensemble-{j}") for j, mid in enumerate(ids)]
         pairs: dict[str, tuple[DreamBoothTrainer, DreamBoothTrainer]] = {}
@@ -394,16 +427,16 @@ class Aspl(ProtectMethod):
         history: list[float] = []
         with ctx.progress.task(f"{self.name or 'aspl'} ensemble ×{len(ids)}", iterations * len(ids)) as bar:
             for it in range(iterations):
-                acc = torch.zeros_like(x)
+                acc = x.map(torch.zeros_like)
                 for m in members:
                     with self._resident(m, members, pairs, x0, clean) as (sd, learner, surrogate):
                         x_j, loss = self.iteration(sd, learner, surrogate, x, x0, m.state)
-                    acc += x_j / len(members)
+                    acc = acc.map(lambda a, xj: a + xj / len(members), x_j)
                     history.append(loss)
                     bar.advance(1, status=f"{m.id} loss {loss:.4f}")
                 x = acc
                 self.save_snapshot(x, it + 1, "iteration")
-        return ProtectResult(x.detach(), summary=self.summary(history))
+        return ProtectResult(x.detach().result(), summary=self.summary(history))
 
     @contextmanager
     def _resident(self, m: _Member, members: list[_Member], pairs: dict, x0, clean):
@@ -424,7 +457,7 @@ class Aspl(ProtectMethod):
         if m.arch is None:
             m.arch = _arch_key(sd)
             self._target_latents = None
-            self.prepare_target(sd, x0.shape[0])
+            self.prepare_target(sd, x0)
             m.target = self._target_latents
             m.class_latents = self.class_latents(sd)
             m.state = {"ref": LatentCache.encode(sd.vae, clean), "cursors": [0, 0]}
@@ -507,13 +540,15 @@ def _move_sd(sd, device) -> None:
 
 
 class _PixelLatents:
-    """Fresh posterior samples of (changing) pixels, in the LatentCache.sample signature."""
+    """Fresh posterior samples of (changing) pixels, in the LatentCache.sample signature: the square
+    ``size`` centre crop of each image, as the attacker's DreamBooth trains on."""
 
-    def __init__(self, trainer: DreamBoothTrainer, pixels: torch.Tensor):
-        self.trainer, self.pixels = trainer, pixels
+    def __init__(self, trainer: DreamBoothTrainer, pixels: Groups, size: int):
+        self.trainer, self.pixels, self.size = trainer, pixels, size
 
     def sample(self, index, generator) -> torch.Tensor:
-        return self.trainer.encode_instances(self.pixels[index])
+        crops = [center_crop(self.pixels.image(i), self.size) for i in index]
+        return self.trainer.encode_instances(crops[0] if len(crops) == 1 else torch.cat(crops))
 
 
 __all__ = ["Aspl", "FamilyDraw", "SurrogateOptions", "TargetOptions", "ddpm_prev_sample"]

@@ -31,6 +31,7 @@ import torch
 from pydantic import Field, ValidationError, create_model, field_validator, model_validator
 
 from cloak.adversarial import pgd_step
+from cloak.adversarial.groups import Groups
 from cloak.errors import UsageError
 from cloak.io.images import ImageSet
 from cloak.protect.aspl import Aspl
@@ -65,21 +66,36 @@ def consistency_loss(grams: list[torch.Tensor]) -> torch.Tensor:
 
 
 class StyleConsistency:
-    """L_cons of a set of [-1, 1] images through VGG-19 features (frozen)."""
+    """L_cons of a set of [-1, 1] images through VGG-19 features (frozen).
+
+    A set of several shapes (``Groups``) goes through VGG bucket by bucket; a Gram matrix is C×C whatever
+    the image size (and divided by C·H·W when normalised, so images of different sizes are comparable), so
+    the set's mean Gram matrix and every image's distance to it are taken over the whole set, as for a
+    uniform set: the buckets' Gram matrices are concatenated (bucket order) before the mean."""
 
     def __init__(self, features, normalise: bool = True):
         self.features = features
         self.normalise = normalise
 
-    def grams(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return gram_matrices(self.features(x.float()), self.normalise)
+    def grams(self, x: torch.Tensor | Groups) -> list[torch.Tensor]:
+        if isinstance(x, torch.Tensor):
+            return gram_matrices(self.features(x.float()), self.normalise)
+        per_bucket = [self.grams(part) for part in x.parts]
+        return [torch.cat(layer) for layer in zip(*per_bucket)]
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor | Groups) -> torch.Tensor:
         return consistency_loss(self.grams(x))
 
     @torch.no_grad()
-    def distances(self, x: torch.Tensor) -> torch.Tensor:
-        return style_distances(self.grams(x))
+    def distances(self, x: torch.Tensor | Groups) -> torch.Tensor:
+        """Per image (in set order) Σ_l ‖G_l(x_i) − Ḡ_l‖²_F."""
+        d = style_distances(self.grams(x))
+        if isinstance(x, torch.Tensor):
+            return d
+        order = [i for idx in x.indices for i in idx]
+        out = torch.empty_like(d)
+        out[order] = d
+        return out
 
 
 # --- options: CAP's own, plus every host's -------------------------------------------------------------------
@@ -168,23 +184,23 @@ class CapPlugin:
         k = self.pgd_steps_done + 1  # Alg. 1 counts steps from 1
         if k < st["k_hat"]:
             return super().update(x, x0, loss_fn, eps, alpha)
-        n = x.shape[0]
+        n = len(x)
         loss, grad = self.loss_and_grad(x, loss_fn)
         # The hosts return the batch mean; Alg. 1's L_re is the sum over the set. Scaling after the
         # backward pass keeps r = 0 bit-identical to the host's own step.
-        g_re = grad * n
-        xc = x.detach().requires_grad_(True)
+        g_re = grad.map(lambda g: g * n)
+        xc = x.map(lambda p: p.detach().requires_grad_(True))
         cons = st["style"](xc)
-        (g_c,) = torch.autograd.grad(cons, xc)
+        g_c = Groups(list(torch.autograd.grad(cons, xc.parts)), x.indices)
         x = x.detach()
         best_value, best_x, best_r, previous, host_value = None, None, 0, None, None
         with torch.no_grad():
             for r in range(st["R"] + 1):
-                direction = (g_re + (st["s"] * r) * g_c).sign()
-                if previous is not None and torch.equal(direction, previous):
+                direction = g_re.map(lambda a, c: (a + (st["s"] * r) * c).sign(), g_c)
+                if previous is not None and direction.equal(previous):
                     continue  # the same candidate point as r − 1: same loss, never a strict improvement
                 previous = direction
-                candidate = pgd_step(x, direction, x0, alpha, eps)
+                candidate = x.map(lambda p, d, p0: pgd_step(p, d, p0, alpha, eps), direction, x0)
                 value = self.loss_value(candidate, loss_fn) * n
                 st["evaluated"] += 1
                 if host_value is None:
@@ -197,6 +213,22 @@ class CapPlugin:
         st["step_loss"].append((best_value, host_value))
         return best_x, loss
 
+    # A checkpoint of the host's loop also keeps CAP's record of the steps taken so far.
+    def loop_state(self) -> dict[str, Any]:
+        st = self.cap_state
+        return {**super().loop_state(), "cap": {k: st[k] for k in ("lambdas", "evaluated", "consistency",
+                                                                    "step_loss")}}
+
+    def restore_loop(self, loop: dict[str, Any]) -> None:
+        super().restore_loop(loop)
+        self.cap_state.update({k: v for k, v in loop["cap"].items()})
+        self.cap_state["step_loss"] = [tuple(v) for v in self.cap_state["step_loss"]]
+
+
+def _reorder(pixels, order: list[int]):
+    """A set's pixels (B×3×H×W tensor or per-image list) in the given order."""
+    return pixels[order] if isinstance(pixels, torch.Tensor) else [pixels[i] for i in order]
+
 
 def _plugged(host_cls: type[Aspl]) -> type:
     return type(f"Cap{host_cls.__name__}", (CapPlugin, host_cls), {})
@@ -204,8 +236,8 @@ def _plugged(host_cls: type[Aspl]) -> type:
 
 def canonical_order(images: ImageSet) -> list[int]:
     """Indices of the set sorted by the sha256 of each image's 8-bit pixels (name breaks exact ties)."""
-    q = ((images.pixels.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    digests = [hashlib.sha256(img.contiguous().numpy().tobytes()).hexdigest() for img in q]
+    digests = [hashlib.sha256(((t.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+                              .contiguous().numpy().tobytes()).hexdigest() for t in images.tensors]
     return sorted(range(len(images)), key=lambda i: (digests[i], images.items[i].name))
 
 
@@ -258,6 +290,7 @@ class Cap(ProtectMethod):
         ctx, o = self.ctx, self.opts
         host = _plugged(HOSTS[o.host])(self.host_options(), ctx)
         host.name = f"cap+{o.host}"
+        host.identity_extra = {"cap": o.model_dump(mode="json")}
         features = load_vgg_features(ctx.models, tuple(o.style_layers), o.style_model)
         style = StyleConsistency(features, o.gram_normalise)
         host.cap_setup(style, ratio_max=o.ratio_max, sign=o.cap_sign, start_fraction=o.start_fraction)
@@ -267,13 +300,14 @@ class Cap(ProtectMethod):
         for position, index in enumerate(order):
             inverse[index] = position
         if ctx.snapshot is not None:  # the host sees the canonical order; the writer wants the input order
-            host.ctx = replace(ctx, snapshot=lambda label, x, write=ctx.snapshot: write(label, x[inverse]))
+            host.ctx = replace(ctx, snapshot=lambda label, x, write=ctx.snapshot: write(label, _reorder(x, inverse)))
         result = host(images.subset(order))
-        pixels = result.pixels[inverse]
+        pixels = _reorder(result.pixels, inverse)
         records = [dict(result.records[p]) if p < len(result.records) else {} for p in inverse]
 
-        x0 = images.pixels.to(pixels.device, pixels.dtype)
-        clean_dist, final_dist = style.distances(x0), style.distances(pixels)
+        first = pixels if isinstance(pixels, torch.Tensor) else pixels[0]
+        x0 = Groups.of(images, first.device, first.dtype)
+        clean_dist, final_dist = style.distances(x0), style.distances(Groups.from_list(pixels))
         for rec, before, after in zip(records, clean_dist.tolist(), final_dist.tolist()):
             rec.update({"style_distance_clean": before, "style_distance": after})
         st = host.cap_state

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 
 from cloak.adversarial import pgd_step, to_m11
+from cloak.adversarial.groups import Groups, center_crop, loss_and_grad, square_crops
 from cloak.adversarial.identity import IdentityLoss, Region, square_box
 from cloak.diffusion import Draw, LatentCache, denoising_loss, encode_latents, encode_prompts
 from cloak.diffusion.attention import CrossAttentionRecorder, default_resolution
@@ -36,7 +37,8 @@ from cloak.diffusion.dreambooth import DreamBoothConfig, DreamBoothTrainer, auto
 from cloak.diffusion.surrogate import cached_dreambooth
 from cloak.io.images import ImageSet, to_uint8
 from cloak.protect.aspl import SurrogateOptions
-from cloak.protect.base import ProtectMethod, ProtectResult
+from cloak.diffusion.checkpoint import LoopCheckpoint
+from cloak.protect.base import ProtectMethod, ProtectResult, load_weights, restore_groups, weights_of
 
 LAYERS = ("ft", "zs")
 LABEL = "DLADiff (implemented from the published description; numbers are proposals)"
@@ -132,19 +134,23 @@ class DLADiff(ProtectMethod):
 
     def __call__(self, images: ImageSet) -> ProtectResult:
         ctx, o = self.ctx, self.opts
-        x0 = images.pixels.to(ctx.device, ctx.dtype)
+        x0 = Groups.of(images, ctx.device, ctx.dtype)
         records: list[dict] = [{} for _ in range(len(x0))]
         summary: dict = {"implementation": LABEL, "layers": list(o.layers), "budget": self.budget_record()}
         x = x0.clone()
+        checkpoint = self.loop_checkpoint(x0, "epoch")
         if "ft" in o.layers:
-            clean = (ctx.ref.pixels if ctx.ref is not None else images.pixels).to(ctx.device, ctx.dtype)
-            x, summary["layer_ft"] = self.layer_ft(x0, clean)
+            self._crop_size = ctx.resolution or min(min(shape) for shape in x0.shapes)
+            source = ctx.ref if ctx.ref is not None else images
+            clean = square_crops(source, self._crop_size, ctx.device, ctx.dtype)
+            x, summary["layer_ft"] = self.layer_ft(x0, clean, checkpoint)
             summary["clean_reference"] = "ref" if ctx.ref is not None else "input"
         if "zs" in o.layers:
             x, summary["layer_zs"], zs_records = self.layer_zs(x, x0)
             for rec, extra in zip(records, zs_records):
                 rec.update(extra)
-        return ProtectResult(x.detach(), records, summary)
+        checkpoint.clear()
+        return ProtectResult(x.detach().result(), records, summary)
 
     def budget_record(self) -> dict:
         o = self.opts
@@ -157,7 +163,8 @@ class DLADiff(ProtectMethod):
         return {"eps": total, "unit": "m11", "eps_m11": total, "total_m11": total, "layers": layers}
 
     # --- layer 1: dual surrogates + alternating dynamic fine-tuning ------------------------------------
-    def layer_ft(self, x0: torch.Tensor, clean: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    def layer_ft(self, x0: Groups, clean: torch.Tensor, checkpoint: LoopCheckpoint | None = None
+                 ) -> tuple[Groups, dict]:
         ctx, o = self.ctx, self.opts
         sd = ctx.models.sd(ctx.model)
         cfg = DreamBoothConfig(lr=o.lr, prior_weight=o.prior_weight, train_text_encoder=o.train_text_encoder,
@@ -170,21 +177,37 @@ class DLADiff(ProtectMethod):
         with torch.no_grad():
             static_text = encode_prompts(sd.tokenizer, static_te, [o.instance_prompt])
         dynamic = self.dynamic_surrogate(sd, cfg)
-        latent_side = x0.shape[-1] // sd.vae_scale_factor
-        resolution = o.attention_resolution or default_resolution(latent_side)
+        positions = [self.attention_positions(sd, shape) for shape in x0.shapes]
+        resolution = self.attention_positions(sd, min(x0.shapes, key=min))[0]
 
         epochs, n_att, n_db, n_pgd = (ctx.iters(o.epochs), ctx.iters(o.attention_steps), ctx.iters(o.surrogate_steps),
                                       ctx.iters(o.pgd_steps))
         eps, alpha = o.eps_m11, o.alpha_m11
         x = x0.clone()
-        cursor = 0
+        cursor = start = 0
         att_loss = pgd_loss = db_loss = float("nan")
+        # Checkpoint after every epoch: x, the dynamic surrogate's weights and optimizer state (both carry
+        # over between epochs), the generator, the cursor. The static surrogate is cached on disk.
+        saved = checkpoint.restore(ctx.generator) if checkpoint is not None else None
+        if saved is not None:
+            start, x = saved["count"], restore_groups(saved["tensors"]["x"], x0)
+            load_weights(dynamic.params, saved["tensors"]["dynamic"])
+            dynamic.optimizer.load_state_dict(saved["tensors"]["optimizer"])
+            cursor, (att_loss, pgd_loss, db_loss) = saved["loop"]["cursor"], saved["loop"]["losses"]
         with ctx.progress.task("dladiff layer 1", epochs) as bar, \
                 CrossAttentionRecorder(static_unet, resolution, compat_half_heads=ctx.compat) as recorder:
-            for _ in range(epochs):
-                x, att_loss = self.attention_step(sd, static_unet, static_text, recorder, x, x0, n_att, eps, alpha)
+            if start:
+                bar.advance(start, status="resumed")
+            for epoch in range(start, epochs):
+                x, att_loss = self.attention_step(sd, static_unet, static_text, recorder, x, x0, n_att, eps, alpha,
+                                                  positions)
                 cursor, db_loss = self.adversarial_tuning(dynamic, x, n_db, cursor)
                 x, pgd_loss = self.surrogate_pgd(sd, dynamic, x, x0, n_pgd, eps, alpha)
+                if checkpoint is not None:
+                    checkpoint.save(epoch + 1, epochs, ctx.generator,
+                                    {"x": x.parts, "dynamic": weights_of(dynamic.params),
+                                     "optimizer": dynamic.optimizer.state_dict()},
+                                    {"cursor": cursor, "losses": [att_loss, pgd_loss, db_loss]})
                 bar.advance(1, status=f"att {att_loss:.4f} pgd {pgd_loss:.4f}")
         return x.detach(), {
             "epochs": epochs, "attention_steps": n_att, "surrogate_steps": n_db, "pgd_steps": n_pgd,
@@ -205,6 +228,18 @@ class DLADiff(ProtectMethod):
         trainer.freeze()
         return trainer
 
+    def attention_positions(self, sd, shape: tuple[int, int]) -> tuple[int, int]:
+        """(map side at the short side, positions) of the cross-attention maps recorded for working copies of
+        ``shape``: the UNet level whose short side is ``attention_resolution`` (default: latent short side
+        / 4), i.e. (h/k)·(w/k) positions there; res² for a square image."""
+        f = sd.vae_scale_factor
+        lh, lw = shape[0] // f, shape[1] // f
+        resolution = self.opts.attention_resolution or default_resolution(min(lh, lw))
+        if lh == lw:
+            return resolution, resolution * resolution
+        k = max(1, min(lh, lw) // resolution)
+        return resolution, (lh // k) * (lw // k)
+
     def draw(self, sd, x: torch.Tensor) -> Draw:
         f = sd.vae_scale_factor
         shape = (sd.unet.config.in_channels, x.shape[-2] // f, x.shape[-1] // f)
@@ -221,35 +256,40 @@ class DLADiff(ProtectMethod):
         """Anti-Diffusion's map transform: ×scale, clamped to [0, 1]."""
         return (recorder.maps() * self.opts.attention_scale).clamp(0, 1)
 
-    def attention_step(self, sd, unet, text, recorder, x, x0, steps: int, eps: float, alpha: float):
-        """Step 1: PGD ascent on w·D(maps(x), maps_ref) + L_dn against the static surrogate."""
+    def attention_step(self, sd, unet, text, recorder, x: Groups, x0: Groups, steps: int, eps: float,
+                       alpha: float, positions: list[tuple[int, int]]):
+        """Step 1: PGD ascent on w·D(maps(x), maps_ref) + L_dn against the static surrogate, bucket by bucket
+        (each at its own map size), the buckets' losses weighted by their share of the set."""
         o = self.opts
         value = float("nan")
         for _ in range(steps):
-            draw = self.draw(sd, x)
-            target = None
-            if o.attention_target == "reference":
-                with torch.no_grad():
-                    recorder.reset()
-                    self.denoising(sd, unet, text, x0, draw)
-                    target = self.attention_maps(recorder)
-            x = x.detach().requires_grad_(True)
-            recorder.reset()
-            ldn = self.denoising(sd, unet, text, x, draw)
-            maps = self.attention_maps(recorder)
-            if target is not None:  # [PROP] move the maps away from the clean images' maps
-                att = F.mse_loss(maps, target)
-            else:  # Anti-Diffusion: −MSE(maps, 0), i.e. drive the maps towards zero
-                att = -F.mse_loss(maps, torch.zeros_like(maps))
-            loss = o.attention_weight * att + ldn
-            (grad,) = torch.autograd.grad(loss, x)
-            x = pgd_step(x.detach(), grad, x0, alpha, eps)
-            value = float(loss.detach())
+            draws = [self.draw(sd, part) for part in x.parts]
+
+            def loss_fn(pixels, b: int, rows=None, draws=draws):
+                recorder.positions = positions[b][1]
+                target = None
+                if o.attention_target == "reference":
+                    with torch.no_grad():
+                        recorder.reset()
+                        self.denoising(sd, unet, text, x0.parts[b], draws[b])
+                        target = self.attention_maps(recorder)
+                recorder.reset()
+                ldn = self.denoising(sd, unet, text, pixels, draws[b])
+                maps = self.attention_maps(recorder)
+                if target is not None:  # [PROP] move the maps away from the clean images' maps
+                    att = F.mse_loss(maps, target)
+                else:  # Anti-Diffusion: −MSE(maps, 0), i.e. drive the maps towards zero
+                    att = -F.mse_loss(maps, torch.zeros_like(maps))
+                return o.attention_weight * att + ldn
+
+            value, grad = loss_and_grad(x, loss_fn)
+            x = x.map(lambda p, g, p0: pgd_step(p.detach(), g, p0, alpha, eps), grad, x0)
         recorder.reset()
         return x.detach(), value
 
-    def adversarial_tuning(self, trainer: DreamBoothTrainer, x: torch.Tensor, steps: int, cursor: int):
-        """Step 2: DreamBooth steps of the dynamic surrogate on the current protected images.
+    def adversarial_tuning(self, trainer: DreamBoothTrainer, x: Groups, steps: int, cursor: int):
+        """Step 2: DreamBooth steps of the dynamic surrogate on the current protected images (square crops
+        of the working copies, as an attacker's DreamBooth trains).
 
         One instance (+ one class) image per step; the image index and the optimizer state carry over
         between epochs, so the surrogate keeps learning every image [PROP].
@@ -261,32 +301,34 @@ class DLADiff(ProtectMethod):
         for _ in range(steps):
             i = cursor % len(pixels)
             cls = [cursor % n_class] if n_class else None
-            loss = trainer.step(trainer.encode_instances(pixels[[i]]), cls)
+            loss = trainer.step(trainer.encode_instances(center_crop(pixels.image(i), self._crop_size)), cls)
             cursor += 1
         trainer.freeze()
         return cursor, loss
 
-    def surrogate_pgd(self, sd, trainer: DreamBoothTrainer, x, x0, steps: int, eps: float, alpha: float):
+    def surrogate_pgd(self, sd, trainer: DreamBoothTrainer, x: Groups, x0: Groups, steps: int, eps: float,
+                      alpha: float):
         """Step 3: PGD ascent on L_dn of the (frozen for the moment) dynamic surrogate."""
         with torch.no_grad():
             text = encode_prompts(sd.tokenizer, trainer.text_encoder, [self.opts.instance_prompt])
         value = float("nan")
         for _ in range(steps):
-            draw = self.draw(sd, x)
-            x = x.detach().requires_grad_(True)
-            loss = self.denoising(sd, trainer.unet, text, x, draw)
-            (grad,) = torch.autograd.grad(loss, x)
-            x = pgd_step(x.detach(), grad, x0, alpha, eps)
-            value = float(loss.detach())
+            draws = [self.draw(sd, part) for part in x.parts]
+            value, grad = loss_and_grad(x, lambda pixels, b, rows=None: self.denoising(sd, trainer.unet, text,
+                                                                                       pixels, draws[b]))
+            x = x.map(lambda p, g, p0: pgd_step(p.detach(), g, p0, alpha, eps), grad, x0)
         return x.detach(), value
 
     # --- layer 2: identity encoders ------------------------------------------------------------------
-    def face_regions(self, x0: torch.Tensor) -> list[Region]:
-        """The largest face of each clean image as a square box; the whole image where none is found."""
+    def face_regions(self, x0) -> list[Region]:
+        """The largest face of each clean image (3×h×w tensors: the working copies, any shape) as a square
+        box in that image's own pixels; the whole image where none is found. The pipeline maps the
+        perturbation, face box included, back to native size."""
         analyzer = self.ctx.models.faces(role="dladiff-faces")
         regions = []
-        height, width = x0.shape[-2:]
-        for rgb in to_uint8(x0):
+        for image in x0:
+            height, width = image.shape[-2:]
+            rgb = to_uint8(image)
             faces = analyzer.detect(rgb)
             if faces:
                 regions.append(Region(square_box(faces[0].box, height, width, self.opts.face_margin), "face"))
@@ -294,31 +336,32 @@ class DLADiff(ProtectMethod):
                 regions.append(Region(None, "image"))
         return regions
 
-    def layer_zs(self, x_ft: torch.Tensor, x0: torch.Tensor):
+    def layer_zs(self, x_ft: Groups, x0: Groups):
         from cloak.models.encoders import load_identity_encoder
 
         ctx, o = self.ctx, self.opts
         encoders = [load_identity_encoder(ctx.models, name) for name in o.encoders]
+        images0 = x0.images()
         # Encoders that align the face themselves (dlib-resnet) need no detector box from the face analyzer.
         needs_boxes = any(not hasattr(enc, "face_view") for enc in encoders)
-        regions = self.face_regions(x0) if needs_boxes else [Region(None, "image")] * len(x0)
-        objective = IdentityLoss(encoders, regions, x0.float())
+        regions = self.face_regions(images0) if needs_boxes else [Region(None, "image")] * len(images0)
+        objective = IdentityLoss(encoders, regions, [t.float() for t in images0])
         steps, eps, alpha = ctx.iters(o.zs_steps), o.eps_zs_m11, o.alpha_zs_m11
-        base = x_ft.detach().float()
+        base = x_ft.detach().map(lambda p: p.float())
         with torch.no_grad():
-            before = [s.cpu() for s in objective.similarities(base)]
+            before = [s.cpu() for s in objective.similarities(base.images())]
         x = base.clone()
         value = float("nan")
         with ctx.progress.task("dladiff layer 2", steps) as bar:
             for _ in range(steps):
-                x = x.detach().requires_grad_(True)
-                loss = objective(x)
-                (grad,) = torch.autograd.grad(loss, x)
-                x = pgd_step(x.detach(), grad, base, alpha, eps, ascent=False)
+                x = x.map(lambda p: p.detach().requires_grad_(True))
+                loss = objective(x.images())
+                grads = Groups(list(torch.autograd.grad(loss, x.parts)), x.indices)
+                x = x.map(lambda p, g, p0: pgd_step(p.detach(), g, p0, alpha, eps, ascent=False), grads, base)
                 value = float(loss.detach())
                 bar.advance(1, status=f"cos {value:.4f}")
         with torch.no_grad():
-            after = [s.cpu() for s in objective.similarities(x)]
+            after = [s.cpu() for s in objective.similarities(x.images())]
         records = []
         for i, region in enumerate(regions):
             record = {"zs_region": region.source, "zs_box": list(region.box) if region.box else None} \
@@ -335,7 +378,7 @@ class DLADiff(ProtectMethod):
                    "faces_found": min(found), "white_box": white_box_notes(o.encoders),
                    "mean_identity_cos_before_zs": {e: float(s.mean()) for e, s in zip(o.encoders, before)},
                    "mean_identity_cos": {e: float(s.mean()) for e, s in zip(o.encoders, after)}}
-        return x.to(x_ft.dtype).detach(), summary, records
+        return x.map(lambda p, p_ft: p.to(p_ft.dtype).detach(), x_ft), summary, records
 
 
 # Attacked encoder → the score backend that measures identity with the same network.

@@ -22,9 +22,10 @@ from cloak.adversarial.eot import metacloak_transforms
 from cloak.diffusion import LatentCache, encode_prompts
 from cloak.diffusion.dreambooth import DreamBoothTrainer
 from cloak.diffusion.surrogate import SnapshotPool
+from cloak.adversarial.groups import Groups, square_crops
 from cloak.io.images import ImageSet
 from cloak.protect.aspl import Aspl, SurrogateOptions, _PixelLatents
-from cloak.protect.base import ProtectResult
+from cloak.protect.base import ProtectResult, load_weights, restore_groups, weights_of
 
 
 class MetaCloak(Aspl):
@@ -68,39 +69,63 @@ class MetaCloak(Aspl):
 
             raise UsageError(f"metacloak: blur_kernel must be odd, got {o.blur_kernel}")
         sd = ctx.models.sd(ctx.model)
-        self.prepare_target(sd, 0)  # warns if --target-image was given: MetaCloak has no targeted variant
-        x0 = images.pixels.to(ctx.device, ctx.dtype)
-        self.eot = metacloak_transforms(ctx.resolution or x0.shape[-1], blur_kernel=o.blur_kernel,
+        self.prepare_target(sd, None)  # warns if --target-image was given: MetaCloak has no targeted variant
+        x0 = Groups.of(images, ctx.device, ctx.dtype)
+        self._crop_size = self.crop_size(images)
+        crops = square_crops(images, self._crop_size, ctx.device, ctx.dtype)  # what the pool trains on
+        # EoT resizes every working copy's short side to the resolution and centre-crops a square, so the
+        # loss sees res×res images whatever the bucket; each bucket draws its own blur σ and flip per step
+        # (torchvision draws one per batched call, and each bucket is one call).
+        self.eot = metacloak_transforms(self._crop_size, blur_kernel=o.blur_kernel,
                                         blur_sigma=(o.blur_sigma_min, o.blur_sigma_max), blur=o.blur, flip=o.hflip)
         class_latents = self.class_latents(sd)
         self._n_class = len(class_latents) if class_latents is not None else 0
         unet, te = sd.trainable_copy()
         learner = DreamBoothTrainer(sd, unet, te, self.db_config(), class_latents=class_latents,
                                     generator=ctx.generator)
-        pool, pool_steps = self.build_pool(learner, x0)
+        pool, pool_steps = self.build_pool(learner, crops)
         rounds = self.rounds()
         trials, n_pgd, n_adv = ctx.iters(o.trials), ctx.iters(o.pgd_steps), ctx.iters(o.advance_steps)
+        total = trials * len(pool) * rounds
         x = x0.clone()
         history: list[float] = []
-        with ctx.progress.task("metacloak", trials * len(pool) * rounds) as bar:
-            for _ in range(trials):
-                for slot in range(len(pool)):
+        # Checkpoint after every round: x, the unrolled learner's weights, the generator, the counters. The
+        # pool is rebuilt on resume (same seed, same draws: its generator state is then overwritten), and
+        # the learner's optimizer is reset at every round, so nothing else carries over.
+        checkpoint = self.loop_checkpoint(x0, "round")
+        done = 0
+        saved = checkpoint.restore(ctx.generator)
+        if saved is not None:
+            done, x = saved["count"], restore_groups(saved["tensors"]["x"], x0)
+            history = saved["loop"]["history"]
+            self.restore_loop(saved["loop"])
+        with ctx.progress.task("metacloak", total) as bar:
+            if done:
+                bar.advance(done, status="resumed")
+            for g in range(done, total):
+                slot = (g // rounds) % len(pool)
+                if g % rounds == 0:
                     pool.load(slot, learner.unet, learner.text_encoder)
-                    for _ in range(rounds):
-                        learner.freeze()
-                        x, loss = self.pgd(sd, learner.unet, learner.text_encoder, x, x0, n_pgd, o.eps_m11,
-                                           o.alpha_m11)
-                        # f ← DB(f, x, n): a new optimizer per call in the released code, i.e. reset state.
-                        learner.unfreeze()
-                        learner.reset_optimizer()
-                        self.tune_shuffled(learner, _PixelLatents(learner, x.detach()).sample, len(x), n_adv)
-                        history.append(loss)
-                        bar.advance(1, status=f"snapshot {pool_steps[slot]} loss {loss:.4f}")
+                elif g == done and saved is not None:
+                    load_weights(learner.params, saved["tensors"]["learner"])
+                learner.freeze()
+                x, loss = self.pgd(sd, learner.unet, learner.text_encoder, x, x0, n_pgd, o.eps_m11, o.alpha_m11)
+                # f ← DB(f, x, n): a new optimizer per call in the released code, i.e. reset state.
+                learner.unfreeze()
+                learner.reset_optimizer()
+                self.tune_shuffled(learner, _PixelLatents(learner, x.detach(), self._crop_size).sample, len(x),
+                                   n_adv)
+                history.append(loss)
+                checkpoint.save(g + 1, total, ctx.generator,
+                                {"x": x.parts, "learner": weights_of(learner.params)},
+                                {"history": history, **self.loop_state()})
+                bar.advance(1, status=f"snapshot {pool_steps[slot]} loss {loss:.4f}")
+        checkpoint.clear()
         summary = self.summary(history)
         summary["clean_reference"] = "none (pool trained on the images themselves)"
         summary.update({"pool_snapshots": pool_steps, "rounds_per_snapshot": rounds, "trials": trials,
                         "eot": self.eot_record()})
-        return ProtectResult(x.detach(), summary=summary)
+        return ProtectResult(x.detach().result(), summary=summary)
 
     def rounds(self) -> int:
         ctx, o = self.ctx, self.opts
@@ -117,7 +142,7 @@ class MetaCloak(Aspl):
         return ctx.iters(o.trials) * len(self.snapshot_steps()) * self.rounds() * ctx.iters(o.pgd_steps)
 
     def build_pool(self, learner: DreamBoothTrainer, x0: torch.Tensor) -> tuple[SnapshotPool, list[int]]:
-        """Train DreamBooth on the clean images, keeping snapshots in preallocated buffers."""
+        """Train DreamBooth on the clean images (square crops), keeping snapshots in preallocated buffers."""
         ctx = self.ctx
         steps = ctx.iters(self.opts.pool_steps)
         marks = self.snapshot_steps()
@@ -146,20 +171,26 @@ class MetaCloak(Aspl):
             cls = [s % self._n_class] if self._n_class else None
             trainer.step(sample([order[s % n_images]], self.ctx.generator), cls)
 
-    def pgd(self, sd, unet, text_encoder, x, x0, steps: int, eps: float, alpha: float, bar=None):
+    def pgd(self, sd, unet, text_encoder, x: Groups, x0: Groups, steps: int, eps: float, alpha: float, bar=None):
         """PGD through the EoT transforms: each step sums ``sample_num`` losses of T_m(x), each with its
-        own transform draw and diffusion draw, and ascends the sign of the summed gradient."""
+        own transform draw and diffusion draw (per shape bucket), and ascends the sign of the summed
+        gradient."""
         with torch.no_grad():
             text = encode_prompts(sd.tokenizer, text_encoder, [self.opts.instance_prompt])
         loss_value = float("nan")
+        size = (self._crop_size, self._crop_size)
         for _ in range(steps):
             draws = []
             for _ in range(self.opts.sample_num):
-                params = self.eot.sample(x.shape[0], self.ctx.generator)
-                draws.append((params, self.draw(sd, x)))
+                per_bucket = []
+                for part, idx in zip(x.parts, x.indices):
+                    params = self.eot.sample(part.shape[0], self.ctx.generator)
+                    per_bucket.append((params, self.draw(sd, part, idx, pixel_shape=size)))
+                draws.append(per_bucket)
 
-            def loss_fn(pixels, draws=draws):
-                return sum(self.loss(sd, unet, self.eot.apply(pixels, p), text, d) for p, d in draws)
+            def loss_fn(pixels, bucket: int, rows=None, draws=draws):
+                return sum(self.loss(sd, unet, self.eot.apply(pixels, m[bucket][0]), text, m[bucket][1],
+                                     bucket=bucket) for m in draws)
 
             x, loss_value = self.update(x, x0, loss_fn, eps, alpha)
             self.pgd_steps_done += 1

@@ -44,7 +44,8 @@ def run_protect(input_dir, output_dir, *, ref: str | None = None, eps: float | s
     if target_image is not None:
         run.params["target_image"] = {"value": target_image, "source": "flag"}
 
-    ctx = run.context(extras={"target_image": target_image})
+    ctx = run.context(extras={"target_image": target_image,
+                              "state_dir": output_dir / ".cloak-state", "resume": common.resume})
     # A method that loads no diffusion model (DLADiff -o layers=zs) reads the images at their own size.
     resolution = run.model_resolution() if run.method_cls.needs_model(opts) or run.resolution_flag else None
     ctx.resolution = resolution or 0

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from cloak.adversarial import pgd_step
+from cloak.adversarial.groups import Groups
 from cloak.diffusion import Draw, LatentCache, denoising_loss, encode_latents, encode_prompts, sample_noise
 from cloak.diffusion.dreambooth import autocast_for
 from cloak.protect.aspl import Aspl, SurrogateOptions, pgd_batch_field, save_every_field
@@ -88,30 +89,44 @@ class Simac(Aspl):
     timestep_sets: list[torch.Tensor] | None = None
 
     # --- 1. adaptive greedy time-interval selection ------------------------------------------------
-    def prepare(self, sd, x0: torch.Tensor) -> None:
-        self._clean_latents = LatentCache.encode(sd.vae, x0)
+    def prepare(self, sd, x0: Groups) -> None:
+        self._clean_latents = [LatentCache.encode(sd.vae, part) for part in x0.parts]
         self.timestep_sets, self._select_rounds = self.select_timesteps(sd, x0)
 
-    def select_timesteps(self, sd, x0: torch.Tensor) -> tuple[list[torch.Tensor], int]:
-        """Per image: the timesteps left after the greedy search, on the frozen base model."""
+    def select_timesteps(self, sd, x0: Groups | torch.Tensor) -> tuple[list[torch.Tensor], int]:
+        """Per image: the timesteps left after the greedy search, on the frozen base model.
+
+        Selection is per image; on a set of several shapes each round scores the candidates bucket by
+        bucket (one draw per bucket, as one batch per shape), the images of a uniform set in one batch."""
         ctx, o = self.ctx, self.opts
+        x0 = Groups.of(x0) if isinstance(x0, torch.Tensor) else x0
         gen = ctx.generator
         total = sd.noise_scheduler.config.num_train_timesteps
         with torch.no_grad():
             text = encode_prompts(sd.tokenizer, sd.text_encoder, [o.instance_prompt])
-        keep = torch.ones(x0.shape[0], total, dtype=torch.bool)
+        n = len(x0)
+        keep = torch.ones(n, total, dtype=torch.bool)
         scratch = x0.detach().clone()
         rounds = ctx.iters(o.select_rounds)
         done = 0
         with ctx.progress.task("simac timestep selection", rounds) as bar:
             for _ in range(rounds):
-                active = [i for i in range(x0.shape[0]) if int(keep[i].sum()) > o.min_timesteps]
+                active = [i for i in range(n) if int(keep[i].sum()) > o.min_timesteps]
                 if not active:
                     break
                 done += 1
+                position = {i: a for a, i in enumerate(active)}
+                # Per bucket: the rows of its active images and their positions in ``active``.
+                pieces = [(b, [r for r, i in enumerate(idx) if i in position], [position[i] for i in idx
+                                                                               if i in position])
+                          for b, idx in enumerate(x0.indices)]
+                pieces = [(b, rows, pos) for b, rows, pos in pieces if rows]
                 cands = torch.stack([self._pick(keep[i], o.select_candidates, gen) for i in active])  # A×C
-                scores = torch.stack([self._grad(sd, text, scratch[active], cands[:, c])[1].abs().flatten(1).sum(1)
-                                      for c in range(cands.shape[1])], dim=1)  # A×C
+                scores = torch.zeros(len(active), cands.shape[1])
+                for c in range(cands.shape[1]):
+                    for b, rows, pos in pieces:
+                        g = self._grad(sd, text, scratch.parts[b][rows], cands[pos, c])[1]
+                        scores[pos, c] = g.abs().flatten(1).sum(1).float().cpu()
                 # First occurrence on ties, as the released strict comparisons pick.
                 t_min = cands.gather(1, scores.argmin(1, keepdim=True)).squeeze(1)
                 t_max = cands.gather(1, scores.argmax(1, keepdim=True)).squeeze(1)
@@ -120,10 +135,11 @@ class Simac(Aspl):
                     lo, hi = max(0, int(t_min[row]) - o.window), min(total, int(t_min[row]) + o.window)
                     keep[i, lo:hi] = False
                 # Step the scratch copy along the most useful timestep (the copy is discarded afterwards).
-                x, grad = self._grad(sd, text, scratch[active], t_max)
-                scratch[active] = pgd_step(x, grad, x0[active], o.alpha_m11, o.eps_m11)
+                for b, rows, pos in pieces:
+                    x, grad = self._grad(sd, text, scratch.parts[b][rows], t_max[pos])
+                    scratch.parts[b][rows] = pgd_step(x, grad, x0.parts[b][rows], o.alpha_m11, o.eps_m11)
                 bar.advance(1, status=f"{min(int(keep[i].sum()) for i in active)} timesteps left")
-        sets = [keep[i].nonzero().flatten() for i in range(x0.shape[0])]
+        sets = [keep[i].nonzero().flatten() for i in range(n)]
         unfinished = sum(1 for s in sets if len(s) > o.min_timesteps)
         if unfinished and ctx.compat:
             ctx.warn(f"simac: {unfinished} image(s) ended selection with more than {o.min_timesteps} timesteps; "
@@ -148,28 +164,29 @@ class Simac(Aspl):
         return x.detach(), grad
 
     # --- 2. ASPL loop with the selected timesteps and the feature term ------------------------------
-    def draw_timesteps(self, sd, x) -> torch.Tensor | None:
+    def draw_timesteps(self, sd, x, indices: list[int] | None = None) -> torch.Tensor | None:
         if self.timestep_sets is None:
             return None
         gen = self.ctx.generator
-        return torch.stack([s[torch.randint(len(s), (1,), generator=gen)][0] for s in self.timestep_sets])
+        sets = self.timestep_sets if indices is None else [self.timestep_sets[i] for i in indices]
+        return torch.stack([s[torch.randint(len(s), (1,), generator=gen)][0] for s in sets])
 
-    def draw(self, sd, x):
-        d = super().draw(sd, x)
+    def draw(self, sd, x, indices: list[int] | None = None, pixel_shape=None):
+        d = super().draw(sd, x, indices, pixel_shape)
         # The clean branch re-encodes the clean image with its own posterior sample.
         d.extra["clean_posterior_noise"] = sample_noise(d.posterior_noise.shape, self.ctx.generator, x.device)
         return d
 
-    def loss(self, sd, unet, pixels, text, draw, rows: slice | None = None) -> torch.Tensor:
+    def loss(self, sd, unet, pixels, text, draw, rows: slice | None = None, bucket: int = 0) -> torch.Tensor:
         lam = self.opts.feature_weight
         if lam == 0:
-            return super().loss(sd, unet, pixels, text, draw, rows)
+            return super().loss(sd, unet, pixels, text, draw, rows, bucket)
         resnets = unet.up_blocks[-1].resnets  # up_blocks[3] on SD: the 64×64-latent up-block
         with FeatureTap(resnets) as tap:
-            loss = super().loss(sd, unet, pixels, text, draw, rows)
+            loss = super().loss(sd, unet, pixels, text, draw, rows, bucket)
         feats = tap.features()
         with torch.no_grad(), FeatureTap(resnets) as clean_tap:
-            cache = self._clean_latents
+            cache = self._clean_latents[bucket]  # the clean images of this shape bucket
             mean, std = (cache.mean, cache.std) if rows is None else (cache.mean[rows], cache.std[rows])
             z = (mean + std * draw.extra["clean_posterior_noise"].to(mean.dtype)) * cache.scaling
             dt = next(unet.parameters()).dtype

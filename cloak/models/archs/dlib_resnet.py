@@ -433,8 +433,9 @@ def chip_needs_pyramid(matrix: np.ndarray, size: int = CHIP_SIZE) -> bool:
     return ((side - 1) / 2 + 1) ** 2 > size * size
 
 
-def extract_chips(x: Tensor, matrices, size: int = CHIP_SIZE) -> Tensor:
-    """Bilinear chips ``B×C×size×size`` of ``x`` (B×C×H×W) at the chip matrices (B×2×3), differentiable in ``x``.
+def extract_chips(x: Tensor | list[Tensor], matrices, size: int = CHIP_SIZE) -> Tensor:
+    """Bilinear chips ``B×C×size×size`` of ``x`` (B×C×H×W, or B images C×h×w of their own shapes) at the chip
+    matrices (B×2×3), differentiable in ``x``.
 
     Chip pixels whose sample is not inside the image are 0, as in dlib. dlib rounds chip pixels down to uint8; this keeps them
     continuous, so ``floor`` of a chip of a uint8 image is dlib's chip. Where dlib would first cut the chip from
@@ -444,12 +445,12 @@ def extract_chips(x: Tensor, matrices, size: int = CHIP_SIZE) -> Tensor:
     """
     matrices = torch.as_tensor(np.asarray(matrices), dtype=torch.float64)
     chips = []
-    h, w = x.shape[-2:]
     rows, cols = torch.meshgrid(torch.arange(size, dtype=torch.float64), torch.arange(size, dtype=torch.float64),
                                 indexing="ij")
     chip_xy1 = torch.stack([cols, rows, torch.ones_like(cols)], -1)  # size×size×3
     for i, m in enumerate(matrices):
-        img = x[i:i + 1]
+        img = x[i].unsqueeze(0)
+        h, w = img.shape[-2:]
         xy = chip_xy1 @ m.T  # size×size×2 in image pixels
         factor = 1  # dlib halves the image (pyramid) while the chip would be more than ~2× smaller than the face
         while chip_needs_pyramid(m.numpy() / factor, size) and min(h, w) > 2 * size * factor:
@@ -457,11 +458,11 @@ def extract_chips(x: Tensor, matrices, size: int = CHIP_SIZE) -> Tensor:
         if factor > 1:  # antialias at the pyramid level's scale, then sample at full-resolution coordinates
             img = _gaussian_blur(img, sigma=0.5 * factor)
         grid = torch.stack([2 * xy[..., 0] / (w - 1) - 1, 2 * xy[..., 1] / (h - 1) - 1], -1)
-        chip = F.grid_sample(img, grid[None].to(x.device, x.dtype), mode="bilinear", padding_mode="zeros",
+        chip = F.grid_sample(img, grid[None].to(img.device, img.dtype), mode="bilinear", padding_mode="zeros",
                              align_corners=True)
         # dlib leaves a chip pixel black unless all four pixels around its sample are inside the image.
         inside = (xy[..., 0] >= 0) & (xy[..., 0] < w - 1) & (xy[..., 1] >= 0) & (xy[..., 1] < h - 1)
-        chips.append(chip * inside.to(x.device, chip.dtype))
+        chips.append(chip * inside.to(img.device, chip.dtype))
     return torch.cat(chips)
 
 
