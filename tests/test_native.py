@@ -242,3 +242,37 @@ def test_photoguard_survives_the_attackers_resize(tmp_path, tiny_sd):
 
     d_protected, d_noise, d_clean = distance(protected), distance(noisy), distance(photo.astype(np.uint8))
     assert d_protected < d_noise and d_protected < d_clean, (d_protected, d_noise, d_clean)
+
+
+# --- score reads native sizes ------------------------------------------------------------------------------
+
+
+def _score_pair(tmp_path: Path) -> tuple[Path, Path]:
+    gen, ref = tmp_path / "gen", tmp_path / "ref"
+    gen.mkdir()
+    ref.mkdir()
+    _smooth(96, 64, 0).save(ref / "a.png")
+    _smooth(96, 64, 0).resize((48, 32), Image.NEAREST).save(gen / "a.png")  # a different size
+    _smooth(96, 64, 1).save(ref / "b.png")
+    _smooth(96, 64, 1).save(gen / "b.png")
+    return gen, ref
+
+
+def test_score_size_mismatch_is_a_per_item_error_naming_both_sizes(cli, tmp_path):
+    gen, ref = _score_pair(tmp_path)
+    r = cli("score", gen, "--ref", ref, "--metric", "psnr,linf", "--json")
+    assert r.exit_code == 5, r.stderr
+    items = {Path(i["input"]).name: i for i in json.loads(r.stdout)["items"]}
+    assert items["a.png"]["status"] == "failed" and "48×32" in items["a.png"]["error"]
+    assert "96×64" in items["a.png"]["error"] and "--align" in items["a.png"]["error"]
+    assert items["b.png"]["status"] == "ok" and items["b.png"]["scores"]["psnr"] is None  # identical: +inf
+
+
+def test_score_align_resize_compares_pairs_of_different_sizes(cli, tmp_path):
+    gen, ref = _score_pair(tmp_path)
+    r = cli("score", gen, "--ref", ref, "--metric", "psnr", "--align", "resize", "--json")
+    assert r.exit_code == 0, r.stderr
+    rep = json.loads(r.stdout)
+    items = {Path(i["input"]).name: i for i in rep["items"]}
+    assert items["a.png"]["status"] == "ok" and items["a.png"]["scores"]["psnr"] > 25
+    assert rep["params"]["align"]["value"] == "resize"
