@@ -60,7 +60,7 @@ class LogProgress(Progress):
 class _RichTask(Task):
     def __init__(self, bar, description: str, total: int | None):
         self.bar = bar
-        self.id = bar.add_task(description, total=total)
+        self.id = bar.add_task(description, total=total, status="")  # the status column reads it on every refresh
 
     def advance(self, n: int = 1, status: str | None = None) -> None:
         self.bar.update(self.id, advance=n, status=status or "")

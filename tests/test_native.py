@@ -276,3 +276,22 @@ def test_score_align_resize_compares_pairs_of_different_sizes(cli, tmp_path):
     items = {Path(i["input"]).name: i for i in rep["items"]}
     assert items["a.png"]["status"] == "ok" and items["a.png"]["scores"]["psnr"] > 25
     assert rep["params"]["align"]["value"] == "resize"
+
+
+def test_a_rich_bar_added_mid_run_renders_before_its_first_advance():
+    """Per-bucket calls add one bar per bucket while the display is live; rendering one before its first
+    advance used to raise KeyError 'status' (found running protect on three shapes in a terminal)."""
+    import io
+
+    from rich.console import Console
+
+    from cloak._progress import RichProgress
+
+    progress = RichProgress(Console(file=io.StringIO(), force_terminal=True, width=80))
+    try:
+        for name in ("bucket 1", "bucket 2"):
+            with progress.task(name, 2) as task:
+                progress.bar.refresh()
+                task.advance(1)
+    finally:
+        progress.stop()
