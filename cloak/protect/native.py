@@ -58,8 +58,15 @@ def apply_native(adv_work: torch.Tensor, clean_work: torch.Tensor, placement: Pl
 
 
 def figures(written: np.ndarray, reference: np.ndarray) -> dict:
-    """‖δ‖∞ in 8-bit levels and PSNR (dB, None when identical) of a written image against its reference."""
-    diff = written.astype(np.int16) - reference.astype(np.int16)
-    linf = int(np.abs(diff).max()) if diff.size else 0
-    mse = float(np.mean((diff.astype(np.float64) / 255.0) ** 2))
+    """‖δ‖∞ in 8-bit levels and PSNR (dB, None when identical) of a written image against its reference.
+
+    Summed in strips of rows, so a large photo needs no full-size float copy of the difference.
+    """
+    linf, squares = 0, 0
+    for y in range(0, written.shape[0], STRIP_ROWS):
+        diff = written[y:y + STRIP_ROWS].astype(np.int32) - reference[y:y + STRIP_ROWS].astype(np.int32)
+        if diff.size:
+            linf = max(linf, int(np.abs(diff).max()))
+            squares += int(np.square(diff).sum(dtype=np.int64))
+    mse = squares / max(1, written.size) / 255.0**2
     return {"linf_255": float(linf), "psnr": round(10 * float(np.log10(1.0 / mse)), 3) if mse > 0 else None}
