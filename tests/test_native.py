@@ -217,7 +217,7 @@ def test_unknown_fit_is_a_usage_error(cli, tmp_path):
 def test_photoguard_survives_the_attackers_resize(tmp_path, tiny_sd):
     """PhotoGuard on a 192×128 photo at 64 px: after the attacker's resize of the saved PNG to 64 px (short side,
     centre crop, as DreamBooth scripts read it), the latent is closer to the target than with ±ε random-sign
-    noise at native size. Seen (seed 0, 30 steps): protected 1.19 vs noise 5.27 vs clean 5.28 (‖E(x)−z_gray‖₂)."""
+    noise at native size (‖E(x)−z_gray‖₂ of the tiny-sd VAE posterior mean). The run prints the three distances (pytest -s)."""
     src = tmp_path / "in"
     src.mkdir()
     _smooth(192, 128, 11).save(src / "photo.png")
@@ -241,6 +241,7 @@ def test_photoguard_survives_the_attackers_resize(tmp_path, tiny_sd):
         return float((z - z_gray).flatten().norm())
 
     d_protected, d_noise, d_clean = distance(protected), distance(noisy), distance(photo.astype(np.uint8))
+    print(f"photoguard native efficacy: protected {d_protected:.3f}, ±ε noise {d_noise:.3f}, clean {d_clean:.3f}")
     assert d_protected < d_noise and d_protected < d_clean, (d_protected, d_noise, d_clean)
 
 
