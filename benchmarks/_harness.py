@@ -19,11 +19,15 @@ from pathlib import Path
 DEFAULT_CACHE = os.environ.get("CLOAK_CACHE_DIR") or str(Path(tempfile.gettempdir()) / "cloak-bench-cache")
 
 
-def run_child(script: str, args: list) -> dict:
+def run_child(script: str, args: list, check: bool = True) -> dict:
     """Run ``script ARGS`` in a fresh interpreter; its last stdout line is the JSON row. A failing child
-    stops the benchmark with the child's stderr (a figure from a broken variant would mislead)."""
+    stops the benchmark with the child's stderr (a figure from a broken variant would mislead), or with
+    ``check=False`` gives ``{"error": its last stderr line}`` so the other variants still run."""
     out = subprocess.run([sys.executable, script, *map(str, args)], capture_output=True, text=True)
     if out.returncode != 0:
+        if not check:
+            lines = out.stderr.strip().splitlines()
+            return {"error": lines[-1] if lines else f"exit code {out.returncode}"}
         sys.stderr.write(out.stderr)
         raise SystemExit(1)
     return json.loads(out.stdout.strip().splitlines()[-1])

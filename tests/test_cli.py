@@ -250,7 +250,7 @@ def test_odd_inputs_are_read(cli, tmp_path):
     Image.new("I;16", (64, 64)).save(src / "deep.png")
     (src / ".hidden.png").write_bytes(b"x")
     (src / "notes.txt").write_text("not an image")
-    r = cli("protect", *ASPL_FAST, "--json", src, tmp_path / "out")
+    r = cli("protect", *ASPL_FAST, "--fit", "crop", "--json", src, tmp_path / "out")
     assert r.exit_code == 0, r.stderr
     names = sorted(Path(i["output"]).name for i in json.loads(r.stdout)["items"])
     assert names == ["alpha.png", "deep.png", "gray.png", "palette.png", "wide.png"]

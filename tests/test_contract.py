@@ -60,7 +60,7 @@ def test_protect_contract(name, tmp_path):
         assert item.status == "ok"
         assert item.linf_255 <= eps_levels
         with Image.open(item.output) as img:
-            assert img.mode == "RGB" and img.size == (64, 64)
+            assert img.mode == "RGB" and img.size == (72, 64)  # the photo's own size (--fit keep)
     assert rep.summary["stand_in"] is True and rep.method == name
     assert clean  # inputs were read (the crop is checked against the budget through linf_255 above)
 

@@ -17,6 +17,8 @@ Writes OUTPUT/gen/<prompt>/<seed>.png and OUTPUT/report.json. Score the result w
 denoising loss on the clean photos (fixed draws): higher means the protection worked.
 Training writes a checkpoint to OUTPUT/.checkpoint every few hundred steps; --resume continues from it.
 Zero-shot methods (ipadapter) generate once per reference image: OUTPUT/gen/<image>/<prompt>/<seed>.png.
+Training reads square working copies (short side resized to the model's resolution, centre crop), as
+an attacker's DreamBooth script does; photos of any size and aspect can be given.
 """
 
 EPILOG = """Examples:

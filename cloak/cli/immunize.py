@@ -16,6 +16,8 @@ Instead of perturbing photos, the model itself is protected: OUTPUT is a complet
 directory (only the UNet differs from the base) that stays a good general generator but learns the
 subject badly when someone personalizes it (DreamBooth, LoRA) on photos of them, clean or not.
 Use it anywhere a model is expected: `cloak attack --model OUTPUT ...`.
+The subject's photos are read as square working copies (short side resized to the model's resolution,
+centre crop): the simulated attacker trains on them as a DreamBooth script would.
 
 [bold]apdm[/bold] (default, on SD 1.5) prefers a paired "safe" image of another member of the class over
 the subject under the subject prompt (DPO loss), while simulating an attacker's fine-tuning at every

@@ -36,6 +36,13 @@ is refused; above 32/255 needs --force-budget. An output identical to its input 
 
   dladiff eps_zs (layer 2)   8/255 = 0.03137 (01) = 0.06275 (m11)
 
+[bold]Photo size[/bold] (--fit): keep (default) returns each photo at its own pixel size and orientation:
+the method works on a copy whose short side is the model's resolution (--resolution), padded by
+reflection to the latent grid (64 px for SD), and the perturbation is resampled (bicubic) back to the
+photo and held within --eps there. crop returns the centre square at the model's resolution (what the
+papers evaluate: use it to reproduce their tables); resize squashes the photo to a square working copy
+and stretches the perturbation back. Photos of different shapes are processed in shape buckets.
+
 Mid-run snapshots (-o save_every=N: aspl, simac, fsmg, cap) go to OUTPUT/.steps/, a hidden folder the
 other verbs skip when they read OUTPUT. Large sets: -o pgd_batch=N bounds the PGD step's memory.
 """
@@ -43,6 +50,10 @@ other verbs skip when they read OUTPUT. Large sets: -o pgd_batch=N bounds the PG
 EPILOG = """Examples:
 
   cloak protect --method aspl --ref clean_A/ photos/ protected/
+
+  cloak protect --method photoguard photo.jpg protected/   (full-size photo in, full-size PNG out)
+
+  cloak protect --method aspl --fit crop photos/ protected/  (the papers' 512² centre crops)
 
   cloak protect --method aspl --eps 8/255 photos/ protected/         (also: --eps 8lv, --eps 0.03 --eps-unit 01)
 
@@ -73,6 +84,10 @@ def register(app: typer.Typer) -> None:
         steps: Annotated[Optional[int], typer.Option("--steps", help="The method's main iteration count.")] = None,
         target_image: Annotated[Optional[Path], typer.Option("--target-image", help="Target image for targeted "
                                                              "methods (photoguard, mist, T-ASPL).")] = None,
+        fit: Annotated[Optional[str], typer.Option(
+            "--fit", help="keep: output at the photo's own size (default); crop: the centre square at the model's "
+                          "resolution, as the papers evaluate; resize: squash to a square, stretch back.",
+            metavar="keep|crop|resize")] = None,
         model: O.ModelOpt = None,
         tiny: O.TinyOpt = False,
         effort: O.EffortOpt = None,
@@ -102,6 +117,6 @@ def register(app: typer.Typer) -> None:
                    compat=compat, config=config, cache_dir=cache_dir, class_dir=class_dir, quiet=quiet,
                    verbose=verbose, jsonl=jsonl)
         execute(c, lambda: run_protect(input_dir, output_dir, ref=str(ref) if ref else None, eps=eps,
-                                       eps_unit=eps_unit, force_budget=force_budget, steps=steps, common=c,
+                                       eps_unit=eps_unit, force_budget=force_budget, steps=steps, fit=fit, common=c,
                                        target_image=str(target_image) if target_image else None),
                 output_dir, as_json=as_json, jsonl=jsonl, quiet=quiet)

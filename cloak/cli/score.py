@@ -42,6 +42,8 @@ EPILOG = """Examples:
 
   cloak score protected/ --ref photos/ --metric psnr --metric ssim --metric linf --json
 
+  cloak score protected_crops/ --ref photos/ --metric psnr --align crop       (--fit crop outputs)
+
   cloak score gen/ --ref photos/ --metric fdfr,ism -o fdfr.backend=dlib -o ism.backend=dlib   (no GPU, no hub)
 
   cloak score attacks/ --ref photos/ --per-subdir --metric ism,serfiq,brisque --sheet sheet.png
@@ -69,6 +71,11 @@ def register(app: typer.Typer) -> None:
                                                            "aggregate over subjects.", show_default=False)] = None,
         sheet: Annotated[Optional[Path], typer.Option("--sheet", metavar="PNG", help="Write a contact sheet: "
                                                       "reference and generated images with their scores.")] = None,
+        align: Annotated[Optional[str], typer.Option(
+            "--align", metavar="none|resize|crop",
+            help="Full-reference metrics on a pair of different sizes: none (default: a per-item error naming "
+                 "both sizes), resize (the reference resized to the image), crop (scaled to cover and centre-"
+                 "cropped, as --fit crop made its square).")] = None,
         tiny: O.TinyOpt = False,
         seed: O.SeedOpt = None,
         device: O.DeviceOpt = None,
@@ -92,7 +99,7 @@ def register(app: typer.Typer) -> None:
             result = score_run(generated_dir, ref=str(ref) if ref else None, metrics=metrics or None,
                                fail_if=fail_if, report_path=str(report) if report else None,
                                per_subdir=per_subdir, sheet=str(sheet) if sheet else None, common=c,
-                               undefined=undefined)
+                               undefined=undefined, align=align)
         except CloakError as exc:
             stop_progress(c)
             if getattr(exc, "report", None) is not None:

@@ -1,7 +1,11 @@
 """Image directories in and out.
 
-Reading: natural sort, hidden files skipped, EXIF orientation applied, any mode → RGB, short side
-resized (bicubic, antialiased) and centre-cropped to the working resolution; values in [-1, 1].
+Reading: natural sort, hidden files skipped, EXIF orientation applied, any mode → RGB, values in [-1, 1].
+The working copy follows the fit mode (:data:`FITS`): ``crop`` resizes the short side (bicubic,
+antialiased) and centre-crops a square (what the papers and the training verbs use); ``keep`` resizes the
+short side and pads the sides up to the latent grid by reflection, so the whole photo keeps its aspect;
+``resize`` squashes the photo to a square. Each item records how its working copy maps back to the photo
+(:class:`Placement`), which is how ``protect`` returns a perturbation at the photo's own size.
 Writing: PNG only, metadata stripped (unless the caller passes the source's, ``--keep-metadata``),
 written to a temporary name and renamed, never over an existing file without ``force``.
 """
@@ -124,12 +128,53 @@ def _files_from_stdin() -> tuple[list[Path], Path]:
     return files, base
 
 
+FITS = ("keep", "crop", "resize")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a photo's content sits in its working copy (all sizes are (width, height) in pixels).
+
+    The photo (``native``) is resized to ``content``; in ``keep`` mode the working copy (``work``) is that
+    content with ``pad`` = (left, top, right, bottom) reflected pixels around it; in ``crop`` mode the working
+    copy is the window ``crop`` = (left, top, right, bottom) of the content; in ``resize`` mode content is the
+    whole working copy.
+    """
+
+    fit: str
+    native: tuple[int, int]
+    content: tuple[int, int]
+    work: tuple[int, int]
+    pad: tuple[int, int, int, int] = (0, 0, 0, 0)
+    crop: tuple[int, int, int, int] | None = None
+
+    @property
+    def scale(self) -> tuple[float, float]:
+        """Working pixels per native pixel along (x, y)."""
+        return self.content[0] / self.native[0], self.content[1] / self.native[1]
+
+    @property
+    def maps_back(self) -> bool:
+        """Whether the perturbation can be brought back to the whole photo (not for a centre crop)."""
+        return self.fit != "crop"
+
+    def record(self) -> dict:
+        out = {"fit": self.fit, "native_size": list(self.native), "working_size": list(self.work)}
+        if self.fit == "keep":
+            out["padding"] = list(self.pad)
+        if self.crop is not None:
+            out["crop"] = list(self.crop)
+        out["scale"] = [round(v, 6) for v in self.scale]
+        return out
+
+
 @dataclass
 class ImageItem:
     name: str  # relative path without suffix: the output keeps it (``a/b.jpg`` → ``a/b.png``)
     path: Path
-    size: tuple[int, int]  # original (width, height)
+    size: tuple[int, int]  # original (width, height), EXIF orientation applied
     sha256: str
+    placement: Placement | None = None  # None: the working copy is the photo at its own size
 
 
 @dataclass
@@ -240,6 +285,54 @@ def fit(img: Image.Image, resolution: int) -> Image.Image:
     return img.crop((left, top, left + resolution, top + resolution))
 
 
+def round_up(n: int, grid: int) -> int:
+    return -(-n // grid) * grid
+
+
+def short_side_size(size: tuple[int, int], resolution: int) -> tuple[int, int]:
+    """(w, h) scaled so the short side is ``resolution`` (the long side rounded, at least ``resolution``)."""
+    w, h = size
+    scale = resolution / min(w, h)
+    return max(resolution, round(w * scale)), max(resolution, round(h * scale))
+
+
+def working_copy(img: Image.Image, resolution: int, fit_mode: str = "crop",
+                 grid: int = 64) -> tuple[Image.Image | np.ndarray, Placement]:
+    """The working copy of one (upright RGB) photo and where the photo sits in it.
+
+    ``crop``: :func:`fit` (short side to ``resolution``, centre square); ``resize``: squashed to
+    ``resolution``²; ``keep``: short side to ``resolution``, then each side padded by reflection up to a
+    multiple of ``grid`` (the latent grid: 8 latent pixels × the VAE factor), half on each side. Returns a PIL
+    image, or a uint8 H×W×3 array for ``keep`` (padding is done in numpy).
+    """
+    if fit_mode not in FITS:
+        raise ValueError(f"unknown fit {fit_mode!r}; valid: {', '.join(FITS)}")
+    w, h = img.size
+    if w < 1 or h < 1:
+        raise ValueError("empty image")
+    if fit_mode == "crop":
+        nw, nh = short_side_size((w, h), resolution)
+        left, top = (nw - resolution) // 2, (nh - resolution) // 2
+        return fit(img, resolution), Placement("crop", (w, h), (nw, nh), (resolution, resolution),
+                                               crop=(left, top, left + resolution, top + resolution))
+    if fit_mode == "resize":
+        size = (resolution, resolution)
+        out = img if img.size == size else img.resize(size, Image.BICUBIC, reducing_gap=None)
+        return out, Placement("resize", (w, h), size, size)
+    nw, nh = short_side_size((w, h), resolution)
+    if (nw, nh) != (w, h):
+        img = img.resize((nw, nh), Image.BICUBIC, reducing_gap=None)
+    ww, wh = round_up(nw, grid), round_up(nh, grid)
+    px, py = ww - nw, wh - nh
+    pad = (px // 2, py // 2, px - px // 2, py - py // 2)
+    arr = np.asarray(img, dtype=np.uint8)
+    if px or py:
+        # numpy's "symmetric" mode reflects again past the far edge, so any pad width works (torch's reflect
+        # needs pad < size); it repeats the edge pixel, which keeps the border continuous.
+        arr = np.pad(arr, ((pad[1], pad[3]), (pad[0], pad[2]), (0, 0)), mode="symmetric")
+    return arr, Placement("keep", (w, h), (nw, nh), (ww, wh), pad=pad)
+
+
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:
     import torch
 
@@ -269,10 +362,16 @@ def read_images(
     *,
     keep_going: bool = False,
     paths: list[Path] | None = None,
+    fit: str = "crop",
+    mixed: bool = False,
+    grid: int = 64,
 ) -> ImageSet:
     """Read a directory (or an explicit list of files) into an ImageSet.
 
-    ``resolution=None`` keeps each image's own size (all images must then share one size).
+    ``resolution=None`` keeps each image's own size (all images must then share one size). Otherwise
+    ``fit`` says how the working copy is made (:func:`working_copy`; ``grid`` is the latent grid for
+    ``keep``): ``crop`` (the default, the training verbs' square) and ``resize`` give one shape for the
+    whole set, ``keep`` one shape per aspect (see :meth:`ImageSet.buckets`).
     A file that cannot be read raises :class:`InputError` naming it, unless ``keep_going``: then it
     is recorded in ``failures`` and skipped.
     """
@@ -286,10 +385,10 @@ def read_images(
     for path in files:
         try:
             img = load_pil(path)
-            size = img.size
+            size, placement = img.size, None
             if resolution is not None:
                 try:
-                    img = fit(img, resolution)
+                    img, placement = working_copy(img, resolution, fit, grid)
                 except ValueError as exc:
                     raise InputError(f"cannot use image {path}: {exc}") from None
             tensors.append(pil_to_tensor(img))
@@ -299,11 +398,11 @@ def read_images(
             failures.append((path, str(exc)))
             continue
         rel = path.relative_to(base) if path.is_relative_to(base) else Path(path.name)
-        items.append(ImageItem(str(rel.with_suffix("")), path, size, file_sha256(path)))
+        items.append(ImageItem(str(rel.with_suffix("")), path, size, file_sha256(path), placement))
     if not items:
         raise InputError(f"none of the {len(files)} images in {root} could be read")
     shapes = {tuple(t.shape) for t in tensors}
-    if len(shapes) > 1:
+    if len(shapes) > 1 and resolution is None and not mixed:
         raise InputError(f"images in {root} differ in size {sorted(shapes)}; pass --resolution to resize them")
     return ImageSet(items, tensors, failures)
 

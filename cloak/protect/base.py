@@ -34,10 +34,25 @@ class BudgetOptions(MethodOptions):
 
 @dataclass
 class ProtectResult:
-    # B×3×H×W in [-1, 1] (a uniform set), or one 3×h×w tensor per image; same order as the input set
+    """A method's perturbed working copies, in [-1, 1], in the order of the ImageSet it was given.
+
+    ``pixels`` is either one B×3×H×W tensor (a set of one shape) or a list of per-image 3×h×w tensors, each
+    at its image's working size (a mixed-shape set); :func:`per_image` turns either into the list. The
+    pipeline brings each one back to its photo's own size and rounds it within the budget.
+    """
+
     pixels: torch.Tensor | list[torch.Tensor]
     records: list[dict[str, Any]] = field(default_factory=list)  # per-image figures
     summary: dict[str, Any] = field(default_factory=dict)
+
+
+def per_image(pixels: torch.Tensor | list[torch.Tensor]) -> list[torch.Tensor]:
+    """A result's pixels as one 3×h×w tensor per image (a B×3×H×W tensor is split along B)."""
+    if isinstance(pixels, torch.Tensor):
+        if pixels.dim() != 4:
+            raise ValueError(f"expected B×3×H×W pixels, got shape {tuple(pixels.shape)}")
+        return list(pixels.unbind(0))
+    return list(pixels)
 
 
 class ProtectMethod(Method):

@@ -1,4 +1,15 @@
-"""The ``cloak protect`` pipeline: read the set, run the method, write the PNGs within the budget."""
+"""The ``cloak protect`` pipeline: read the set, run the method, write the photos within the budget.
+
+Protect returns the photo (``--fit keep``, the default): each image is optimised on a working copy whose
+short side is the model's resolution and whose sides are padded (by reflection) up to the latent grid,
+and the perturbation is brought back to the photo's own size (:mod:`cloak.protect.native`). What this
+changes against the papers, for every method alike: they optimise and evaluate a centre square at the
+model's resolution (``--fit crop`` reproduces that, byte for byte); here the objective is optimised on
+the whole picture at the working size and the photo is perturbed by a resampled δ, which the attacker's
+own resize to the model's resolution brings back close to what was optimised. Shapes other than the
+square go to the method as shape buckets (per-image methods: one call per bucket; group methods: the
+whole mixed set in one call), and the surrogate's DreamBooth steps still train on square crops.
+"""
 
 from __future__ import annotations
 
@@ -12,14 +23,19 @@ from cloak.io.report import Report, Stopwatch
 
 def run_protect(input_dir, output_dir, *, ref: str | None = None, eps: float | str | None = None,
                 eps_unit: str | None = None, force_budget: bool = False, steps: int | None = None,
-                target_image: str | None = None, common: Common | None = None, **kwargs) -> Report:
+                target_image: str | None = None, fit: str | None = None, common: Common | None = None,
+                **kwargs) -> Report:
+    """Protect the images of ``input_dir`` into ``output_dir``; ``fit`` is keep (default), crop or resize."""
     import shutil
 
+    import numpy as np
     import torch
 
     from cloak.adversarial import quantize_within_budget
-    from cloak.io.images import output_path, read_images, source_metadata, write_png
+    from cloak.io.images import FITS, load_pil, output_path, read_images, source_metadata, write_png
     from cloak.protect import PROTECT
+    from cloak.protect.base import per_image
+    from cloak.protect.native import RESAMPLING, apply_native, figures, levels
 
     common = common or Common(**kwargs)
     input_dir, output_dir = Path(input_dir), Path(output_dir)
@@ -44,12 +60,17 @@ def run_protect(input_dir, output_dir, *, ref: str | None = None, eps: float | s
     if target_image is not None:
         run.params["target_image"] = {"value": target_image, "source": "flag"}
 
+    fit_mode = run.value("fit", fit, "keep")
+    if fit_mode not in FITS:
+        raise UsageError(f"unknown --fit {fit_mode!r}; valid: {', '.join(FITS)}")
+
     ctx = run.context(extras={"target_image": target_image,
                               "state_dir": output_dir / ".cloak-state", "resume": common.resume})
     # A method that loads no diffusion model (DLADiff -o layers=zs) reads the images at their own size.
     resolution = run.model_resolution() if run.method_cls.needs_model(opts) or run.resolution_flag else None
     ctx.resolution = resolution or 0
-    images = read_images(input_dir, resolution, keep_going=common.keep_going)
+    grid = latent_grid(run) if resolution is not None else 8
+    images = read_images(input_dir, resolution, keep_going=common.keep_going, fit=fit_mode, grid=grid, mixed=True)
     for path, error in images.failures:
         run.add_item({"input": str(path), "status": "failed", "error": error})
     done = check_output_dir(output_dir, images.names, force=common.force, resume=common.resume)
@@ -63,7 +84,8 @@ def run_protect(input_dir, output_dir, *, ref: str | None = None, eps: float | s
         else:
             todo = []
     if ref is not None:
-        ctx.ref = read_images(ref, resolution)
+        # The reference set only feeds the surrogate's DreamBooth steps: square crops, as an attacker trains.
+        ctx.ref = read_images(ref, resolution, fit="crop")
         run.params["ref"] = {"value": str(ref), "source": "flag"}
     elif run.method_cls.uses_ref:
         ctx.warn("no --ref clean reference set given: the input images stand in for it")
@@ -73,52 +95,101 @@ def run_protect(input_dir, output_dir, *, ref: str | None = None, eps: float | s
             run.add_item({"input": str(images.items[i].path), "output": str(output_path(output_dir, images.names[i])),
                           "status": "skipped"})
     summary: dict[str, Any] = {"budget": {"eps": opts.eps, "unit": opts.unit, "eps_m11": opts.eps_m11}
-                               if hasattr(opts, "eps_m11") else None}
+                               if hasattr(opts, "eps_m11") else None,
+                               "fit": fit_mode, "latent_grid": grid}
+    if fit_mode != "crop":
+        summary["resampling"] = RESAMPLING
     if todo:
         method = run.method_cls(opts, ctx)
         subset = images.subset(todo)
         snapshots: list[str] = []
 
-        def quantize(pixels):
-            """8-bit levels as saved: within the method's budget of the input after rounding."""
+        def protected(j: int, adv) -> tuple[np.ndarray, np.ndarray]:
+            """Image j of the subset as saved (uint8 H×W×3) and the 8-bit image it is measured against."""
             eps_m11 = method.budget_m11()
-            return quantize_within_budget(pixels, subset.pixels, eps_m11) if eps_m11 is not None else \
-                ((pixels.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+            clean, placement = subset.tensors[j], subset.items[j].placement
+            if placement is None or not placement.maps_back:  # --fit crop: the working square is the output
+                q = quantize_within_budget(adv[None], clean[None], eps_m11)[0] if eps_m11 is not None \
+                    else levels(adv)
+                return q.permute(1, 2, 0).numpy(), levels(clean).permute(1, 2, 0).numpy()
+            photo = np.asarray(load_pil(subset.items[j].path), dtype=np.uint8)
+            return apply_native(adv, clean, placement, photo, eps_m11), photo
 
         def snapshot(label: str, pixels) -> None:
-            """-o save_every: the set mid-run, quantised like the final output, in OUTPUT/.steps/LABEL/."""
+            """-o save_every: the set mid-run, brought out like the final output, in OUTPUT/.steps/LABEL/."""
             if not snapshots and (output_dir / ".steps").is_dir():
                 shutil.rmtree(output_dir / ".steps")  # an earlier run's snapshots would mix with these
-            q = quantize(pixels)
             folder = output_dir / ".steps" / label
-            for j, item in enumerate(subset.items):
-                write_png(output_path(folder, item.name), q[j].permute(1, 2, 0).numpy(), force=True)
+            for j, adv in enumerate(per_image(pixels)):
+                write_png(output_path(folder, subset.items[j].name), protected(j, adv)[0], force=True)
             snapshots.append(str(folder))
 
-        ctx.snapshot = snapshot
-        clock = Stopwatch()
-        result = method(subset)
-        seconds_each = clock.seconds() / len(todo)
-        q = quantize(result.pixels)
-        q0 = ((subset.pixels.float() + 1) * 127.5).round()
-        output_dir.mkdir(parents=True, exist_ok=True)
-        for j, i in enumerate(todo):
-            item = images.items[i]
-            unchanged = unchanged_error(q[j], q0[j])
+        def write(j: int, adv, seconds: float, extra: dict) -> None:
+            item = subset.items[j]
+            arr, reference = protected(j, adv)
+            unchanged = unchanged_error(torch.from_numpy(arr), torch.from_numpy(reference))
             if unchanged:  # an output equal to its input protects nothing: a failed item, not an ok one
                 run.add_item({"input": str(item.path), "status": "failed", "error": unchanged})
-                continue
-            path = write_png(output_path(output_dir, item.name), q[j].permute(1, 2, 0).numpy(), force=True,
+                return
+            path = write_png(output_path(output_dir, item.name), arr, force=True,
                              metadata=source_metadata(item.path) if keep_metadata else None)
-            diff = (q[j].float() - q0[j])
-            mse = float(diff.div(255).pow(2).mean())
-            extra = result.records[j] if j < len(result.records) else {}
-            run.add_item({"input": str(item.path), "output": str(path), "status": "ok",
-                          "seconds": round(seconds_each, 4), "linf_255": float(diff.abs().max()),
-                          "psnr": round(10 * torch.log10(torch.tensor(1.0 / mse)).item(), 3) if mse > 0 else None,
-                          **extra})
-        summary.update(result.summary)
+            written = np.asarray(load_pil(path), dtype=np.uint8)  # figures from the file as saved
+            record = {"input": str(item.path), "output": str(path), "status": "ok", "seconds": round(seconds, 4),
+                      **figures(written, reference)}
+            if item.placement is not None:
+                record.update(item.placement.record())
+                record["output_size"] = [int(written.shape[1]), int(written.shape[0])]
+                if item.placement.maps_back:
+                    record["resampling"] = RESAMPLING
+                eps_m11 = method.budget_m11()
+                if eps_m11 is not None:
+                    record["budget_255"] = float(int(eps_m11 * 127.5 + 1e-6))
+            run.add_item({**record, **extra})
+
+        ctx.snapshot = snapshot
+        output_dir.mkdir(parents=True, exist_ok=True)
+        summaries: list[dict] = []
+        # A group method optimises the whole (possibly mixed-shape) set in one call; a per-image method is
+        # called once per shape bucket and each bucket is written as soon as its call returns.
+        calls = [list(range(len(subset)))] if run.method_cls.group else [b.indices for b in subset.buckets()]
+        for indices in calls:
+            clock = Stopwatch()
+            result = method(subset if run.method_cls.group else subset.subset(indices))
+            seconds_each = clock.seconds() / len(indices)
+            for k, (j, adv) in enumerate(zip(indices, per_image(result.pixels))):
+                write(j, adv, seconds_each, result.records[k] if k < len(result.records) else {})
+            summaries.append(result.summary)
+        summary.update(merge_summaries(summaries))
         if snapshots:
             summary["snapshots"] = snapshots
     report = run.report(opts_record, summary)
     return run.finish(report, output_dir)
+
+
+def latent_grid(run: VerbRun) -> int:
+    """Working sides are multiples of this: 8 latent pixels × the model's VAE factor (64 for SD).
+
+    Read from the VAE's config file, so a ``--resolution`` run does not load the model just for this.
+    """
+    import json
+
+    try:
+        _, path, _ = run.models.resolve(run.model, "surrogate")
+        blocks = json.loads((Path(path) / "vae" / "config.json").read_text())["block_out_channels"]
+        factor = 2 ** (len(blocks) - 1)
+    except (OSError, KeyError, ValueError, TypeError):
+        factor = run.models.sd(run.model).vae_scale_factor
+    return 8 * factor
+
+
+def merge_summaries(summaries: list[dict]) -> dict:
+    """One call's summary as is; for several bucket calls, each key's value if they agree, else the list."""
+    if len(summaries) == 1:
+        return summaries[0]
+    merged: dict[str, Any] = {}
+    for key in dict.fromkeys(k for s in summaries for k in s):
+        values = [s.get(key) for s in summaries]
+        merged[key] = values[0] if all(v == values[0] for v in values) else values
+    if summaries:
+        merged["calls"] = len(summaries)
+    return merged

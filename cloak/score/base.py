@@ -29,6 +29,7 @@ class MetricResult:
     values: list[float | None]
     value: float | None = None  # the aggregate; None = mean of the defined values
     extras: dict[str, Any] = field(default_factory=dict)
+    errors: dict[int, str] = field(default_factory=dict)  # image index → why it has no value (a per-item error)
 
 
 class Metric(Method):

@@ -1,7 +1,9 @@
 """Full-reference pixel metrics: PSNR, SSIM, ℓ∞ (paired with the reference by file name).
 
-When sizes differ the reference is scaled to cover and centre-cropped (as cloak reads inputs), so a
-protected 512² PNG compares with its original photo; images are compared as 8-bit RGB in [0, 1].
+Images are compared as 8-bit RGB in [0, 1], pixel for pixel, at their own sizes: a pair of different sizes
+is a per-item error naming both, unless ``--align`` says how to bring the reference to the image's size
+(``resize``: bicubic to the same size; ``crop``: scale to cover and centre-crop, as ``--fit crop`` made
+its square).
 """
 
 from __future__ import annotations
@@ -16,17 +18,30 @@ def _as_float(rgb: np.ndarray) -> np.ndarray:
     return rgb.astype(np.float64) / 255.0
 
 
-def _matched(img: ScoreImage, ref: ScoreImage) -> tuple[np.ndarray, np.ndarray]:
-    """The reference brought to the image's size the way cloak reads inputs: scale to cover, centre-crop."""
+ALIGNS = ("none", "resize", "crop")
+
+
+class SizeMismatch(ValueError):
+    """A pair of images of different sizes that no ``--align`` was asked for."""
+
+
+def _matched(img: ScoreImage, ref: ScoreImage, align: str = "none") -> tuple[np.ndarray, np.ndarray]:
+    """The image and its reference at one size, or :class:`SizeMismatch` naming both sizes."""
     r = ref.rgb
     h, w = img.rgb.shape[:2]
     if r.shape[:2] != (h, w):
-        pil = Image.fromarray(r)
-        scale = max(w / pil.width, h / pil.height)
-        nw, nh = max(w, round(pil.width * scale)), max(h, round(pil.height * scale))
-        pil = pil.resize((nw, nh), Image.BICUBIC, reducing_gap=None)
-        left, top = (nw - w) // 2, (nh - h) // 2
-        r = np.asarray(pil.crop((left, top, left + w, top + h)))
+        if align == "resize":
+            r = np.asarray(Image.fromarray(r).resize((w, h), Image.BICUBIC, reducing_gap=None))
+        elif align == "crop":
+            pil = Image.fromarray(r)
+            scale = max(w / pil.width, h / pil.height)
+            nw, nh = max(w, round(pil.width * scale)), max(h, round(pil.height * scale))
+            pil = pil.resize((nw, nh), Image.BICUBIC, reducing_gap=None)
+            left, top = (nw - w) // 2, (nh - h) // 2
+            r = np.asarray(pil.crop((left, top, left + w, top + h)))
+        else:
+            raise SizeMismatch(f"{img.path} is {w}×{h} but its reference {ref.path} is {r.shape[1]}×{r.shape[0]}; "
+                               f"pass --align resize (or crop) to compare them")
     return _as_float(img.rgb), _as_float(r)
 
 
@@ -76,10 +91,16 @@ class _FullRef(Metric):
     def compute(self, images: list[ScoreImage], ref: list[ScoreImage] | None) -> MetricResult:
         pairs = pair_by_name(images, ref or [], self.name)
         values: list[float | None] = []
-        for img, r in zip(images, pairs):
-            values.append(None if r is None else self.one(*_matched(img, r)))
+        errors: dict[int, str] = {}
+        for i, (img, r) in enumerate(zip(images, pairs)):
+            try:
+                pair = None if r is None else _matched(img, r, self.ctx.extras.get("align", "none"))
+                values.append(None if pair is None else self.one(*pair))
+            except SizeMismatch as exc:
+                values.append(None)
+                errors[i] = str(exc)
         unpaired = sum(r is None for r in pairs)
-        return MetricResult(values, extras={"unpaired": unpaired} if unpaired else {})
+        return MetricResult(values, extras={"unpaired": unpaired} if unpaired else {}, errors=errors)
 
 
 class Psnr(_FullRef):

@@ -10,7 +10,7 @@ from pydantic import Field
 
 from cloak.methods import MethodOptions
 from cloak.score.base import Metric, MetricResult, ScoreImage, pair_by_name
-from cloak.score.fullref import _matched
+from cloak.score.fullref import SizeMismatch, _matched
 
 
 class LpipsOptions(MethodOptions):
@@ -36,14 +36,20 @@ class Lpips(Metric):
         device = self.ctx.models.device
         pairs = pair_by_name(images, ref or [], self.name)
         values: list[float | None] = []
+        errors: dict[int, str] = {}
         with self.ctx.progress.task("lpips", len(images)) as bar:
-            for img, r in zip(images, pairs):
-                if r is None or min(img.rgb.shape[:2]) < MIN_SIDE[self.opts.net]:
+            for i, (img, r) in enumerate(zip(images, pairs)):
+                try:
+                    pair = None if r is None else _matched(img, r, self.ctx.extras.get("align", "none"))
+                except SizeMismatch as exc:
+                    pair, errors[i] = None, str(exc)
+                if pair is None or min(img.rgb.shape[:2]) < MIN_SIDE[self.opts.net]:
                     values.append(None)
                 else:
                     a, b = (torch.from_numpy(np.ascontiguousarray(t)).permute(2, 0, 1)[None].float().mul(2).sub(1)
-                            for t in _matched(img, r))
+                            for t in pair)
                     values.append(float(model(a.to(device), b.to(device)).flatten()[0]))
                 bar.advance(1)
         unpaired = sum(r is None for r in pairs)
-        return MetricResult(values, extras={"net": self.opts.net, **({"unpaired": unpaired} if unpaired else {})})
+        return MetricResult(values, extras={"net": self.opts.net, **({"unpaired": unpaired} if unpaired else {})},
+                            errors=errors)

@@ -34,6 +34,7 @@ class Subject:
     ref: list[ScoreImage] | None = None
     values: dict[str, list] = field(default_factory=dict)
     table: dict[str, dict] = field(default_factory=dict)
+    errors: dict[int, list[str]] = field(default_factory=dict)  # per image: metrics that could not score it
 
 
 def read_images(root: Path, keep_going: bool, run) -> list[ScoreImage]:
@@ -125,7 +126,7 @@ def _texts(value: str | list[str] | None) -> list[str]:
 
 def score_run(generated_dir, *, ref: str | None, metrics: list[str] | None, fail_if: list[str] | None,
               report_path: str | None, per_subdir: bool | None, sheet: str | None, common,
-              undefined: str | None = None) -> Report:
+              undefined: str | None = None, align: str | None = None) -> Report:
     import logging
 
     from cloak._verb import VerbRun
@@ -177,7 +178,12 @@ def score_run(generated_dir, *, ref: str | None, metrics: list[str] | None, fail
         raise UsageError(f"metric(s) {', '.join(needing_ref)} need the clean reference set: pass --ref DIR")
     per_metric = metric_option_layers(common.options, metric_names)
 
-    ctx = run.context()
+    from cloak.score.fullref import ALIGNS
+
+    align = run.value("align", align, "none")
+    if align not in ALIGNS:
+        raise UsageError(f"unknown --align {align!r}; valid: {', '.join(ALIGNS)}")
+    ctx = run.context(extras={"align": align})
     instances, options_record = {}, {}
     for name in metric_names:
         cls = SCORE.get(name)
@@ -209,11 +215,15 @@ def score_run(generated_dir, *, ref: str | None, metrics: list[str] | None, fail
                     raise InputError(f"subject {subject.name}: {exc}") from None
                 seconds[name] += clock.seconds()
                 subject.values[name] = result.values
+                for i, why in result.errors.items():
+                    subject.errors.setdefault(i, []).append(f"{name}: {why}")
                 subject.table[name] = {**_stats(result),
                                        **({"extras": result.extras} if result.extras else {})}
                 bar.advance(1, status=f"{subject.name or ''} {name}".strip())
             for i, img in enumerate(subject.images):
                 record = {"input": img.path, "status": "ok", "scores": {n: subject.values[n][i] for n in metric_names}}
+                if i in subject.errors:
+                    record.update(status="failed", error="; ".join(dict.fromkeys(subject.errors[i])))
                 if subject.name is not None:
                     record["subject"] = subject.name
                 run.add_item(record)
@@ -263,7 +273,8 @@ def score_run(generated_dir, *, ref: str | None, metrics: list[str] | None, fail
     gate_text = "; ".join(f"gate failed: {g['gate']} ({g['values']})" for g in failed_gates)
     failed = sum(1 for i in run.items if i.status == "failed")
     if failed:
-        exc = PartialFailure(f"{failed} image(s) could not be read" + (f"; also {gate_text}" if gate_text else ""))
+        exc = PartialFailure(f"{failed} image(s) could not be read or scored"
+                             + (f"; also {gate_text}" if gate_text else ""))
         exc.report = report
         raise exc
     if failed_gates:
