@@ -46,8 +46,10 @@ def _str(path) -> str | None:
 
 
 def protect(input_dir: str | PathLike, output_dir: str | PathLike, *, method: str | None = None,
-            ref: str | PathLike | None = None, eps: float | None = None, eps_unit: str | None = None,
-            steps: int | None = None, target_image: str | PathLike | None = None, model: str | None = None,
+            ref: str | PathLike | None = None, eps: float | str | None = None, eps_unit: str | None = None,
+            force_budget: bool = False, fit: str | None = None, steps: int | None = None,
+            target_image: str | PathLike | None = None, class_dir: str | PathLike | None = None,
+            model: str | None = None,
             tiny: bool = False, effort: float | None = None, resolution: int | None = None, seed: int | None = None,
             device: str | None = None, dtype: str | None = None, options: dict[str, Any] | None = None,
             force: bool = False, resume: bool = False, keep_going: bool = False, keep_metadata: bool = False,
@@ -57,8 +59,11 @@ def protect(input_dir: str | PathLike, output_dir: str | PathLike, *, method: st
 
     Args:
         method: protection method (``cloak methods protect``); ``ref``: clean photos of the same person for
-            surrogate methods; ``eps``/``eps_unit``: the ℓ∞ budget and its unit (m11, 01, 255);
-            ``steps``: the method's main iteration count; ``target_image``: for targeted methods.
+            surrogate methods; ``eps``: the ℓ∞ budget with its unit (``"8/255"``, ``"8lv"``) or a number
+            with ``eps_unit`` (m11, 01, 255); ``force_budget``: allow a budget above 32/255; ``fit``: keep
+            (default: each photo at its own size), crop (the papers' centre square) or resize;
+            ``steps``: the method's main iteration count; ``target_image``: for targeted methods;
+            ``class_dir``: your own class images for the surrogate's prior preservation.
         model, tiny, effort, resolution, seed, device, dtype: as the CLI flags (``tiny=True``: the
             built-in random stand-in, seconds, protects nothing).
         options: method options, as ``-o key=value`` (``cloak methods show METHOD``).
@@ -74,8 +79,10 @@ def protect(input_dir: str | PathLike, output_dir: str | PathLike, *, method: st
                                        seed=seed, device=device, dtype=dtype, options=options, force=force,
                                        resume=resume, keep_going=keep_going, keep_metadata=keep_metadata,
                                        compat=compat, config=config, cache_dir=cache_dir, on_item=on_item))
-    return run_protect(input_dir, output_dir, ref=_str(ref), eps=eps, eps_unit=eps_unit, steps=steps,
-                       target_image=_str(target_image), common=common, **rest)
+    if class_dir is not None:
+        common.class_dir = _str(class_dir)
+    return run_protect(input_dir, output_dir, ref=_str(ref), eps=eps, eps_unit=eps_unit, force_budget=force_budget,
+                       fit=fit, steps=steps, target_image=_str(target_image), common=common, **rest)
 
 
 def immunize(input_dir: str | PathLike, output_dir: str | PathLike, *, method: str | None = None,
@@ -167,7 +174,8 @@ def attack(input_dir: str | PathLike, output_dir: str | PathLike, *, method: str
 
 def score(generated_dir: str | PathLike, *, ref: str | PathLike | None = None, metrics: list[str] | None = None,
           fail_if: list[str] | None = None, report_path: str | PathLike | None = None,
-          per_subdir: bool | None = None, sheet: str | PathLike | None = None, tiny: bool = False,
+          per_subdir: bool | None = None, sheet: str | PathLike | None = None, undefined: str | None = None,
+          align: str | None = None, tiny: bool = False,
           seed: int | None = None, device: str | None = None, options: dict[str, Any] | None = None,
           keep_going: bool = False, config: str | None = None, cache_dir: str | None = None,
           on_item: Callable[[dict], None] | None = None, **kwargs: Any) -> Report:
@@ -177,7 +185,9 @@ def score(generated_dir: str | PathLike, *, ref: str | PathLike | None = None, m
         ref: clean reference photos; ``metrics``: metric names (default fdfr, ism); ``fail_if``: gate
             expressions (a true one raises :class:`cloak.errors.GateFailed`, carrying the report);
             ``report_path``: also write the JSON report there; ``per_subdir``: score each subfolder
-            against the same-named one of ``ref``; ``sheet``: write a contact sheet PNG there.
+            against the same-named one of ``ref``; ``sheet``: write a contact sheet PNG there;
+            ``undefined``: ``"pass"`` lets a gate on an undefined value pass (default: it fails);
+            ``align``: ``"resize"`` or ``"crop"`` to compare pairs of different sizes (default: an error).
         tiny, seed, device, keep_going, config, cache_dir: as the CLI flags; ``options``: metric options,
             ``{"ism.backend": "dlib"}`` as ``-o ism.backend=dlib``.
         on_item: called with each image's record as it is scored.
@@ -190,7 +200,8 @@ def score(generated_dir: str | PathLike, *, ref: str | PathLike | None = None, m
     common, rest = _split(kwargs, dict(tiny=tiny, seed=seed, device=device, options=options, keep_going=keep_going,
                                        config=config, cache_dir=cache_dir, on_item=on_item))
     return score_run(generated_dir, ref=_str(ref), metrics=metrics, fail_if=fail_if, report_path=_str(report_path),
-                     per_subdir=per_subdir, sheet=_str(sheet), common=common, **rest)
+                     per_subdir=per_subdir, sheet=_str(sheet), undefined=undefined, align=align, common=common,
+                     **rest)
 
 
 # The verbs' functions share their names with the subpackages that hold each verb's methods

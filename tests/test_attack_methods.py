@@ -108,8 +108,9 @@ def test_diffshortcut_trains_on_both_prompt_sets_and_samples_with_the_negative_p
     instance, cls = f"a photo of sks person, {token}", f"a photo of person, without {token}"
     assert encoded and all(batch == [instance, cls] for batch in encoded), encoded
     # Class images come from the unmodified base model with the plain class prompt (cached per prompt).
-    folders = [p.name for p in (Path(os.environ["CLOAK_CACHE_DIR"]) / "class-images" / "tiny-sd").iterdir()]
-    assert f"{slug('a photo of person')}-64px-2st" in folders
+    # (one folder per model content digest: class-images/tiny-sd-<digest>/<prompt>-<res>px-<sampler>-<steps>st)
+    folders = [p.name for p in (Path(os.environ["CLOAK_CACHE_DIR"]) / "class-images").glob("tiny-sd*/*")]
+    assert any(f.startswith(f"{slug('a photo of person')}-64px-") for f in folders), folders
     assert not any(f.startswith(slug(cls)[:20]) and "without" in f for f in folders)
     sampling = [c for c in pipeline_calls if c["prompt"] == [f"a photo of sks person, without {token}"]]
     assert len(sampling) == 1

@@ -262,8 +262,15 @@ def test_odd_inputs_are_read(cli, tmp_path):
 def test_tiny_image_is_an_input_error_not_a_crash(cli, tmp_path):
     src = write_images(tmp_path / "imgs", n=1)
     Image.new("RGB", (1, 1)).save(src / "dot.png")
-    r = cli("protect", *ASPL_FAST, src, tmp_path / "out")
-    assert r.exit_code == 0, r.stderr  # 1×1 is upscaled like any small image
+    # --fit crop: 1×1 is upscaled to the working square like any small image, and that square is the output.
+    r = cli("protect", *ASPL_FAST, "--fit", "crop", src, tmp_path / "out")
+    assert r.exit_code == 0, r.stderr
+    # --fit keep returns a 1×1 photo: the working perturbation averaged down to one pixel rounds away, and
+    # an output identical to its input is a failed item that says so, not a crash and not a success.
+    r = cli("protect", *ASPL_FAST, src, tmp_path / "keep")
+    assert r.exit_code in (0, 5) and "Traceback" not in r.stderr, r.stderr
+    if r.exit_code == 5:
+        assert "dot.png" in r.stderr and "identical to its input" in r.stderr
 
 
 def _photo_with_metadata(folder: Path) -> Path:

@@ -184,7 +184,7 @@ def test_layer_zs_against_dlib_changes_who_dlib_sees_far_more_than_noise(cli, tm
     src.mkdir()
     Image.fromarray(astronaut).save(src / "astronaut.png")
     res = cli("protect", str(src), str(tmp_path / "out"), "--method", "dladiff", "-o", "layers=zs",
-              "-o", "encoders=dlib-resnet", "-o", "zs_steps=5", "-o", "eps_zs=8", "-o", "alpha_zs=1")
+              "-o", "encoders=dlib-resnet", "-o", "zs_steps=5", "-o", "eps_zs=8/255", "-o", "alpha_zs=1/255")
     assert res.exit_code == 0, res.stderr
     protected = np.array(Image.open(tmp_path / "out" / "astronaut.png").convert("RGB"))
     noise = np.random.default_rng(0).choice([-8, 8], size=astronaut.shape)

@@ -21,7 +21,7 @@ ATTACK = ["--tiny", "-q", "--json", "-o", "class_images=0", "-o", "lr=1e-4", "--
 def test_aspl_raises_attackers_loss_on_clean_photos(cli, tmp_path, seed):
     clean = write_images(tmp_path / "clean", n=3, seed=0)
     r = cli("protect", "--tiny", "-q", "--seed", seed, "-o", "class_images=0", "-o", "iterations=10",
-            "-o", "lr=1e-4", "--eps", "0.1", clean, tmp_path / "protected")
+            "-o", "lr=1e-4", "--eps", "0.1", "--eps-unit", "m11", clean, tmp_path / "protected")
     assert r.exit_code == 0, r.stderr
     losses = {}
     for name, train in (("clean", clean), ("protected", tmp_path / "protected")):

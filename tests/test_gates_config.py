@@ -230,5 +230,4 @@ def test_models_list_shows_sizes_on_disk(cli):
     assert rows["tiny-sd"]["size_bytes"] > 0 and rows["sd15"]["size_bytes"] is None
     r = cli("models", "list")
     line = next(x for x in r.stdout.splitlines() if x.startswith("tiny-sd\t"))
-    assert line.split("\t")[-1][-1] in "BKMG"
-    assert "size" in r.stderr
+    assert line.split("\t")[-1][-1] in "BKMG"  # piped: the TSV's last column; a terminal shows a table

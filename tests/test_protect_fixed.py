@@ -122,7 +122,7 @@ ATTACK = ["--tiny", "-q", "--json", "-o", "class_images=0", "-o", "lr=1e-4", "--
 
 def test_advdm_raises_the_attackers_denoising_loss(cli, tmp_path):
     clean = write_images(tmp_path / "clean", n=3, seed=0)
-    protect(cli, clean, tmp_path / "protected", "advdm", "--eps", "0.1", "--eps-unit", "m11", "--steps", "50")
+    protect(cli, clean, tmp_path / "protected", "advdm", "--eps", "0.1", "--eps-unit", "m11", "--steps", "100")
     noise = tmp_path / "noise"
     noise.mkdir()
     rng = np.random.default_rng(0)

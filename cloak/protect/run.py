@@ -127,7 +127,7 @@ def run_protect(input_dir, output_dir, *, ref: str | None = None, eps: float | s
         def write(j: int, adv, seconds: float, extra: dict) -> None:
             item = subset.items[j]
             arr, reference = protected(j, adv)
-            unchanged = unchanged_error(torch.from_numpy(arr), torch.from_numpy(reference))
+            unchanged = unchanged_error(torch.as_tensor(np.array(arr)), torch.as_tensor(np.array(reference)))
             if unchanged:  # an output equal to its input protects nothing: a failed item, not an ok one
                 run.add_item({"input": str(item.path), "status": "failed", "error": unchanged})
                 return
