@@ -240,6 +240,19 @@ def check_output_dir(out_dir: Path, names: list[str], *, force: bool, resume: bo
     return done if resume and not force else []
 
 
+def image_run(verb: str, registry, input_dir, output_dir, common: Common | None, kwargs: dict, *,
+              default_method: str) -> tuple[VerbRun, Path, Path]:
+    """The opening the image-to-image verbs share: flags, inputs never the outputs, and the output folder
+    claimed (lock, write probe) before any work."""
+    common = common or Common(**kwargs)
+    input_dir, output_dir = Path(input_dir), Path(output_dir)
+    if same_dirs(input_dir, output_dir):
+        raise UsageError("input and output directories are the same; inputs are never modified")
+    run = VerbRun(verb, registry, common, default_method=default_method, default_model="sd21-base",
+                  output=output_dir, inputs=input_dir)
+    return run, input_dir, output_dir
+
+
 def same_dirs(a: Path, b: Path) -> bool:
     try:
         return Path(a).resolve() == Path(b).resolve()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from cloak._verb import Common, VerbRun, check_output_dir, same_dirs
+from cloak._verb import Common, check_output_dir, image_run
 from cloak.errors import OutputExistsError, UsageError
 from cloak.io.report import Report, Stopwatch
 
@@ -51,12 +51,9 @@ def run_attack(input_dir, output_dir, *, ref: str | None = None, prompts: list[s
     from cloak.diffusion.sampling import SAMPLERS, build_pipeline, generate, slug
     from cloak.io.images import read_images, write_png
 
-    common = common or Common(**kwargs)
-    input_dir, output_dir = Path(input_dir), Path(output_dir)
-    if same_dirs(input_dir, output_dir):
-        raise UsageError("input and output directories are the same; inputs are never modified")
-    run = VerbRun("attack", ATTACK, common, default_method="dreambooth", default_model="sd21-base",
-                  output=output_dir, inputs=input_dir)
+    run, input_dir, output_dir = image_run("attack", ATTACK, input_dir, output_dir, common, kwargs,
+                                           default_method="dreambooth")
+    common = run.common
     flags: dict[str, Any] = {k: v for k, v in dict(prompts=prompts, num_images=num_images, sample_steps=sample_steps,
                                                    guidance=guidance, negative_prompt=negative_prompt,
                                                    sampler=sampler).items() if v is not None}

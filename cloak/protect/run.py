@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from cloak._verb import Common, VerbRun, check_output_dir, same_dirs
+from cloak._verb import Common, VerbRun, check_output_dir, image_run
 from cloak.errors import UsageError
 from cloak.io.report import Report, Stopwatch
 
@@ -37,12 +37,9 @@ def run_protect(input_dir, output_dir, *, ref: str | None = None, eps: float | s
     from cloak.protect.base import per_image
     from cloak.protect.native import RESAMPLING, apply_native, figures, levels
 
-    common = common or Common(**kwargs)
-    input_dir, output_dir = Path(input_dir), Path(output_dir)
-    if same_dirs(input_dir, output_dir):
-        raise UsageError("input and output directories are the same; inputs are never modified")
-    run = VerbRun("protect", PROTECT, common, default_method="aspl", default_model="sd21-base",
-                  output=output_dir, inputs=input_dir)
+    run, input_dir, output_dir = image_run("protect", PROTECT, input_dir, output_dir, common, kwargs,
+                                           default_method="aspl")
+    common = run.common
     from cloak.adversarial.budget import budget_flag_layer, check_options_budget, unchanged_error
 
     # --eps carries its unit (8/255, 8lv, or a number with --eps-unit); [protect] eps/eps_unit in cloak.toml too.

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from cloak._verb import Common, VerbRun, check_output_dir, same_dirs
-from cloak.errors import InputError, UsageError
+from cloak._verb import Common, check_output_dir, image_run
+from cloak.errors import InputError
 from cloak.io.report import Report, Stopwatch
 
 
@@ -16,12 +14,9 @@ def run_purify(input_dir, output_dir, *, common: Common | None = None, **kwargs)
     from cloak.io.images import fit, input_files, load_pil, output_path, pil_to_tensor, source_metadata, write_png
     from cloak.purify import PURIFY
 
-    common = common or Common(**kwargs)
-    input_dir, output_dir = Path(input_dir), Path(output_dir)
-    if same_dirs(input_dir, output_dir):
-        raise UsageError("input and output directories are the same; inputs are never modified")
-    run = VerbRun("purify", PURIFY, common, default_method="jpeg", default_model="sd21-base",
-                  output=output_dir, inputs=input_dir)
+    run, input_dir, output_dir = image_run("purify", PURIFY, input_dir, output_dir, common, kwargs,
+                                           default_method="jpeg")
+    common = run.common
     opts, opts_record = run.options()
     keep_metadata = run.flag("keep_metadata", common.keep_metadata)
     files, base = input_files(input_dir)
