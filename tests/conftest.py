@@ -77,6 +77,17 @@ def pngs(folder: Path) -> dict[str, np.ndarray]:
     return {p.name: np.asarray(Image.open(p).convert("RGB")).astype(np.int16) for p in sorted(folder.glob("*.png"))}
 
 
+def write_sign_noise(clean: Path, out: Path, levels: int, seed: int = 0) -> Path:
+    """The control every efficacy test beats: each PNG of ``clean`` plus ±``levels`` random signs (the same
+    budget as the protection, at the photo's own size)."""
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for name, arr in pngs(clean).items():
+        noisy = np.clip(arr + rng.choice([-levels, levels], size=arr.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(noisy).save(out / name)
+    return out
+
+
 @pytest.fixture
 def image_dir(tmp_path) -> Path:
     return write_images(tmp_path / "images")

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import pngs, write_images
+from conftest import pngs, write_images, write_sign_noise
 from PIL import Image
 
 METHODS = ["advdm", "photoguard", "mist"]
@@ -123,12 +123,7 @@ ATTACK = ["--tiny", "-q", "--json", "-o", "class_images=0", "-o", "lr=1e-4", "--
 def test_advdm_raises_the_attackers_denoising_loss(cli, tmp_path):
     clean = write_images(tmp_path / "clean", n=3, seed=0)
     protect(cli, clean, tmp_path / "protected", "advdm", "--eps", "0.1", "--eps-unit", "m11", "--steps", "100")
-    noise = tmp_path / "noise"
-    noise.mkdir()
-    rng = np.random.default_rng(0)
-    for name, arr in pngs(clean).items():  # the same budget, random signs: 12 levels
-        Image.fromarray(np.clip(arr + rng.choice([-12, 12], size=arr.shape), 0, 255).astype(np.uint8)).save(
-            noise / name)
+    write_sign_noise(clean, tmp_path / "noise", 12)  # the same budget (0.1 m11 = 12 levels), random signs
     losses = {}
     for name in ("clean", "protected", "noise"):
         r = cli("attack", *ATTACK, "--seed", 0, "--ref", clean, tmp_path / name, tmp_path / f"attack-{name}")
