@@ -18,8 +18,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -28,7 +26,6 @@ from pydantic import Field
 from cloak.attack.base import AttackResult
 from cloak.attack.dreambooth import DreamBooth, DreamBoothOptions
 from cloak.diffusion.dreambooth import DreamBoothConfig, DreamBoothTrainer, make_adamw
-from cloak.errors import OutputExistsError
 from cloak.io.images import ImageSet
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -143,12 +140,9 @@ def save_lora(target: Path, unet, text_encoder, unet_cfg, te_cfg, note: dict) ->
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    target = Path(target)
-    if target.exists() and any(target.iterdir()):
-        raise OutputExistsError(f"model directory {target} exists and is not empty", hint="pass --force")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    from cloak.io.output import new_model_dir
+
+    with new_model_dir(target) as staging:
         unet_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
         te_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(text_encoder)) if te_cfg else None
         StableDiffusionPipeline.save_lora_weights(
@@ -158,10 +152,4 @@ def save_lora(target: Path, unet, text_encoder, unet_cfg, te_cfg, note: dict) ->
         meta = {**note, "format": "diffusers LoRA (load with pipe.load_lora_weights(DIR) on the base model)",
                 "file": LORA_FILE}
         (staging / "cloak_model.json").write_text(json.dumps(meta, indent=2, default=str), encoding="utf-8")
-        if target.exists():
-            target.rmdir()
-        staging.rename(target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return target

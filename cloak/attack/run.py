@@ -16,26 +16,14 @@ def save_model_dir(sd, unet, text_encoder, target: Path, *, note: dict) -> Path:
     import shutil
 
     from cloak.diffusion.sampling import build_pipeline
-    from cloak.io.output import apply_umask, staging_dir
+    from cloak.io.output import new_model_dir
 
-    target = Path(target)
-    if target.exists() and any(target.iterdir()):
-        raise OutputExistsError(f"model directory {target} exists and is not empty", hint="pass --force")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = staging_dir(target.parent, target.name)
-    try:
+    with new_model_dir(target) as staging:
         pipe = build_pipeline(sd, unet=unet, text_encoder=text_encoder)
         pipe.save_pretrained(staging, safe_serialization=True)
         # Keep the base model's own sampler config rather than whatever the pipeline object holds.
         shutil.copytree(Path(sd.path) / "scheduler", staging / "scheduler", dirs_exist_ok=True)
         (staging / "cloak_model.json").write_text(json.dumps(note, indent=2), encoding="utf-8")
-        apply_umask(staging)  # safetensors and the staging folder are 0600/0700; the user's umask decides
-        if target.exists():
-            target.rmdir()
-        staging.rename(target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return target
 
 

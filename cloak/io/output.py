@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from cloak.errors import OutputError, UsageError
+from cloak.errors import OutputError, OutputExistsError, UsageError
 
 try:  # POSIX; elsewhere folders are not locked (the probe and the atomic writes still apply)
     import fcntl
@@ -110,6 +110,27 @@ def staging_dir(parent: Path, name: str) -> Path:
             return path
         except FileExistsError:  # pragma: no cover - 32 random bits collided
             continue
+
+
+@contextmanager
+def new_model_dir(target: Path) -> Iterator[Path]:
+    """Write a model directory atomically: the caller fills the yielded staging folder beside ``target``;
+    on success it gets the user's umask and is renamed to ``target`` (absent or empty), on any error it is
+    removed (a killed process leaves it to the stale clean-up: its pid is in the name)."""
+    target = Path(target)
+    if target.exists() and any(target.iterdir()):
+        raise OutputExistsError(f"model directory {target} exists and is not empty", hint="pass --force")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = staging_dir(target.parent, target.name)
+    try:
+        yield staging
+        apply_umask(staging)  # safetensors and the staging folder are 0600/0700; the user's umask decides
+        if target.exists():
+            target.rmdir()
+        staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def publish_dir(staging: Path, target: Path, complete: Callable[[Path], bool]) -> bool:
