@@ -161,14 +161,15 @@ def _centred_face(monkeypatch):
     monkeypatch.setattr(faces.FaceAnalyzer, "detect", detect)
 
 
-@pytest.mark.parametrize("variant", ["ipadapter", "faceid"])
-def test_zero_shot_output_follows_the_reference_image(variant, tmp_path, monkeypatch, pipeline_calls):
-    if variant == "faceid":
+@pytest.mark.parametrize("variant,embedder", [("ipadapter", None), ("faceid", "insightface"), ("faceid", "arcface")])
+def test_zero_shot_output_follows_the_reference_image(variant, embedder, tmp_path, monkeypatch, pipeline_calls):
+    if embedder == "arcface":
         _centred_face(monkeypatch)
     images = write_images(tmp_path / "in", n=2, seed=3)
     shutil.copy(images / "img0.png", images / "img0dup.png")
     rep = run_attack(images, tmp_path / "out", common=_common("ipadapter", {
-        "variant": variant, "num_images": 1, "sample_steps": 2, "prompts": ["a photo of a person"]}))
+        "variant": variant, "num_images": 1, "sample_steps": 2, "prompts": ["a photo of a person"],
+        **({"embedder": embedder} if embedder else {})}))
     gen = _pngs(tmp_path / "out" / "gen")
     key = "a-photo-of-a-person-933095/0.png"
     assert sorted(gen) == [f"{ref}/{key}" for ref in ("img0", "img0dup", "img1")]
@@ -178,12 +179,16 @@ def test_zero_shot_output_follows_the_reference_image(variant, tmp_path, monkeyp
     assert {i.reference for i in rep.items if i.status == "ok"} == {"img0", "img0dup", "img1"}
     assert rep.summary["variant"] == variant and rep.summary["fdfr_ref"] == 0.0
     assert rep.summary["sampling"]["sampler"] == "ddim"
+    if variant == "faceid":  # the embedder is on record; only ArcFace IR-SE50 is flagged as a substitution
+        assert rep.summary["embedder"]["substitution"] is (embedder == "arcface")
+        assert ("substitution" in rep.summary) is (embedder == "arcface")
+        assert any("substitution" in w for w in rep.warnings) is (embedder == "arcface")
 
 
 def test_faceid_reference_without_a_face_generates_nothing(tmp_path, monkeypatch):
-    from cloak.models import faces
+    from cloak.models import insightface
 
-    monkeypatch.setattr(faces.FaceAnalyzer, "detect", lambda self, rgb: [])
+    monkeypatch.setattr(insightface.SCRFDDetector, "detect", lambda self, rgb: [])
     images = write_images(tmp_path / "in", n=2)
     rep = run_attack(images, tmp_path / "out", common=_common("ipadapter", {"num_images": 1, "sample_steps": 1}))
     assert rep.summary["fdfr_ref"] == 1.0

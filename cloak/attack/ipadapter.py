@@ -5,13 +5,15 @@ the embedding through an identity adapter's decoupled cross-attention while samp
 DLADiff's second layer defends against. Two variants (``-o variant=``):
 
 * ``faceid`` (default) — IP-Adapter-FaceID [C: h94/IP-Adapter-FaceID model card, tencent-ailab
-  ip_adapter_faceid.py]: the largest detected face is aligned and embedded (512-d, ℓ2-normalised),
-  an MLP maps it to 4 tokens, and the FaceID LoRA in the same checkpoint is applied to the UNet.
-  The published recipe embeds with insightface ``buffalo_l``; cloak embeds with ArcFace IR-SE50
-  (RetinaFace alignment, ``cloak.models.faces``), a documented substitution: with real weights the
-  adapter sees embeddings from another network than it was trained on, so results differ from
-  the published attack (likely weaker identity transfer; not measured here). A reference without a detected face is a failed attack on
-  that image (counted as ``fdfr_ref``).
+  ip_adapter_faceid.py]: the reference face is embedded (512-d, ℓ2-normalised), an MLP maps it to 4
+  tokens, and the FaceID LoRA in the same checkpoint is applied to the UNet. The embedding is the
+  published recipe's, insightface ``buffalo_l``'s ``faces[0].normed_embedding``: SCRFD-10GF at 640²,
+  the most confident face, norm_crop to 112², ArcFace IResNet-50 (WebFace600K), written in
+  ``cloak.models.insightface`` and run with onnxruntime (``pip install 'cloak[faceid]'``).
+  ``-o embedder=arcface`` embeds with ArcFace IR-SE50 instead (RetinaFace alignment, largest face,
+  ``cloak.models.faces``): another network than the adapter was trained on, so the report flags it
+  as a substitution (results differ from the published attack; identity transfer is likely weaker).
+  A reference without a detected face is a failed attack on that image (counted as ``fdfr_ref``).
 * ``ipadapter`` — the plain IP-Adapter: the CLIP ViT-H/14 image embedding of the whole reference.
 
 Weights load through diffusers' ``load_ip_adapter`` from a state dict read from the cache. Each input
@@ -36,14 +38,20 @@ from cloak.io.images import ImageSet, to_uint8
 from cloak.models import adapters
 
 MODEL_CARD_NEGATIVE = "monochrome, lowres, bad anatomy, worst quality, low quality, blurry"
-SUBSTITUTION = ("faceid: the published IP-Adapter-FaceID was trained on insightface buffalo_l embeddings; cloak "
-                "feeds ArcFace IR-SE50 embeddings, so results differ from the published attack (a documented "
-                "substitution; identity transfer is likely weaker)")
+SUBSTITUTION = ("faceid with -o embedder=arcface: the published IP-Adapter-FaceID was trained on insightface "
+                "buffalo_l embeddings; ArcFace IR-SE50 embeddings were fed instead, so results differ from the "
+                "published attack (a substitution; identity transfer is likely weaker)")
+EMBEDDERS = {"insightface": "insightface buffalo_l (SCRFD-10GF, norm_crop 112², ArcFace IResNet-50 w600k_r50), "
+                            "faces[0] = the most confident face, normed_embedding: the published recipe",
+             "arcface": "ArcFace IR-SE50 (RetinaFace, largest face, 112² alignment): a substitution"}
 
 
 class IPAdapterOptions(GenerationOptions):
     variant: Literal["faceid", "ipadapter"] = Field("faceid", description="faceid: face-ID embedding + FaceID LoRA; "
                                                     "ipadapter: CLIP image embedding of the whole reference")
+    embedder: Literal["insightface", "arcface"] = Field(
+        "insightface", description="faceid's face embedder: insightface (buffalo_l, what the adapter was trained on; "
+        "needs cloak[faceid]) or arcface (ArcFace IR-SE50, a substitution the report flags)")
     reference: int | None = Field(None, ge=0, description="use only input image i (name order) as the reference; "
                                   "none = every input image in turn")
     scale: float = Field(1.0, ge=0, description="IP-Adapter scale (weight of the image tokens)")
@@ -61,7 +69,8 @@ class IPAdapter(AttackMethod):
     implements = ("zero-shot generation conditioned on each reference image through IP-Adapter(-FaceID) "
                   "decoupled cross-attention, loaded with diffusers' load_ip_adapter; no fine-tuning")
     proposals = ("variant", "prompts", "num_images")
-    notes = (SUBSTITUTION + ". A reference without a detected face generates nothing (summary fdfr_ref). "
+    notes = ("faceid embeds faces with insightface buffalo_l as published (-o embedder=arcface substitutes ArcFace "
+             "IR-SE50; the report flags it). A reference without a detected face generates nothing (summary fdfr_ref). "
              "Default base model sd15: the SD 1.5 adapters do not fit SD 2.1. Nothing is trained: --steps and "
              "--save-model do not apply.")
 
@@ -79,9 +88,10 @@ class IPAdapter(AttackMethod):
         adapters.check_fits(weights, sd.unet, adapter_id, sd.id)
         if o.reference is not None and o.reference >= len(images):
             raise UsageError(f"-o reference={o.reference}: there are only {len(images)} input images")
-        if o.variant == "faceid" and not stand_in:
+        faceid = o.variant == "faceid"
+        if faceid and o.embedder == "arcface":
             ctx.warn(SUBSTITUTION)
-        embed = self._face_embedder() if o.variant == "faceid" else self._clip_embedder(weights)
+        embed, embedder = self._face_embedder() if faceid else (self._clip_embedder(weights), None)
         # diffusers wants [negative; positive] per adapter when it applies classifier-free guidance.
         cfg = o.guidance > 1
         conditions, references = [], []
@@ -89,7 +99,7 @@ class IPAdapter(AttackMethod):
         with ctx.progress.task("reference embeddings", len(indices)) as bar:
             for i in indices:
                 item = images.items[i]
-                e = embed(to_uint8(images.pixels[i]))
+                e = embed(to_uint8(images.tensors[i]))
                 references.append({"reference": item.name, "input": str(item.path), "embedded": e is not None})
                 bar.advance(1)
                 if e is None:
@@ -107,6 +117,10 @@ class IPAdapter(AttackMethod):
         summary = {"variant": o.variant, "adapter": adapter_id, "ip_adapter_scale": o.scale,
                    "references": references, "fdfr_ref": missed / len(references) if references else None,
                    "fine_tuned": False}
+        if embedder is not None:
+            summary["embedder"] = embedder
+            if o.embedder == "arcface":
+                summary["substitution"] = SUBSTITUTION
         return AttackResult(unet, sd.text_encoder, summary=summary, conditions=conditions,
                             pipeline_hook=lambda pipe: self._load_adapter(pipe, weights))
 
@@ -119,13 +133,26 @@ class IPAdapter(AttackMethod):
         pipe.set_ip_adapter_scale(self.opts.scale)
 
     def _face_embedder(self):
-        faces = self.ctx.models.faces(role="faceid")
+        """(embed(rgb) → 512-d ℓ2-normalised tensor or None, the report's record of the embedder)."""
+        o = self.opts
+        if o.embedder == "arcface":
+            faces = self.ctx.models.faces(role="faceid")
+            first = faces.embed_largest
+            record = {"name": "arcface-irse50", "recipe": EMBEDDERS["arcface"], "substitution": True}
+        else:
+            from cloak.models import insightface
+
+            faces = insightface.load_analyzer(self.ctx.models, role="faceid")
+            first = faces.embed_first
+            record = {"name": faces.backend, "recipe": EMBEDDERS["insightface"], "substitution": False,
+                      "detector": insightface.DETECTOR_ID, "recognizer": insightface.RECOGNIZER_ID,
+                      "det_size": list(faces.detector.input_size), "onnxruntime_providers": faces.providers}
 
         def embed(rgb: np.ndarray) -> torch.Tensor | None:
-            e = faces.embed_largest(rgb)
+            e = first(rgb)
             return None if e is None else torch.from_numpy(np.asarray(e, dtype=np.float32))
 
-        return embed
+        return embed, record
 
     def _clip_embedder(self, weights: adapters.IPAdapterWeights):
         from PIL import Image
