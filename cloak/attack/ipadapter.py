@@ -70,7 +70,8 @@ class IPAdapter(AttackMethod):
                   "decoupled cross-attention, loaded with diffusers' load_ip_adapter; no fine-tuning")
     proposals = ("variant", "prompts", "num_images")
     notes = ("faceid embeds faces with insightface buffalo_l as published (-o embedder=arcface substitutes ArcFace "
-             "IR-SE50; the report flags it). A reference without a detected face generates nothing (summary fdfr_ref). "
+             "IR-SE50; the report flags it). A reference without a detected face generates nothing (summary "
+             "fdfr_ref). "
              "Default base model sd15: the SD 1.5 adapters do not fit SD 2.1. Nothing is trained: --steps and "
              "--save-model do not apply.")
 

@@ -158,26 +158,28 @@ _add(ModelSpec("ip-adapter-faceid-sd15", "ip-adapter-faceid", "IP-Adapter-FaceID
                "decoupled cross-attention, UNet LoRA in the same file)", "non-commercial research use (h94 model card)",
                "hf:h94/IP-Adapter-FaceID", allow_patterns=("ip-adapter-faceid_sd15.bin",),
                stand_in="tiny-ip-adapter-faceid-sd15", non_commercial=True,
-               notes="trained on insightface buffalo_l embeddings, which cloak computes by default (insightface-scrfd-10g, "
-                     "insightface-w600k-r50; -o embedder=arcface substitutes ArcFace IR-SE50). The LoRA diffusers "
-                     "applies is inside the .bin"))
+               notes="trained on insightface buffalo_l embeddings, which cloak computes by default "
+                     "(insightface-scrfd-10g, insightface-w600k-r50; -o embedder=arcface substitutes ArcFace "
+                     "IR-SE50). The LoRA diffusers applies is inside the .bin"))
 _add(ModelSpec("tiny-ip-adapter-sd15", "ip-adapter", "built-in random IP-Adapter fitting tiny-sd and tiny-clip-vision",
                "MIT (cloak)", "builtin", builtin=True, notes="random weights: transfers no identity"))
 _add(ModelSpec("tiny-ip-adapter-faceid-sd15", "ip-adapter-faceid", "built-in random IP-Adapter-FaceID (MLP, K/V, "
                "rank-4 LoRA) fitting tiny-sd", "MIT (cloak)", "builtin", builtin=True,
                notes="random weights: transfers no identity"))
 
-# --- insightface buffalo_l: FaceID's face detector and embedder (cloak.models.insightface; needs cloak[faceid]) ----
+# --- insightface buffalo_l: FaceID's face detector and embedder (cloak.models.insightface; cloak[faceid]) --------
 _INSIGHTFACE_LICENCE = "insightface pretrained models: NON-COMMERCIAL research use only (code MIT)"
 _INSIGHTFACE_NOTES = ("the file of insightface's v0.7 release buffalo_l.zip, re-hosted on the hub by public-data; an "
                       "unzipped buffalo_l folder works as a [models] path. Run with onnxruntime: pip install "
                       "'cloak[faceid]'. Weights for non-commercial research use only")
 _add(ModelSpec("insightface-scrfd-10g", "scrfd", "insightface buffalo_l face detector SCRFD-10GF with 5 keypoints "
-               "(det_10g.onnx); IP-Adapter-FaceID's reference faces", _INSIGHTFACE_LICENCE, "hf:public-data/insightface",
+               "(det_10g.onnx); IP-Adapter-FaceID's reference faces", _INSIGHTFACE_LICENCE,
+               "hf:public-data/insightface",
                allow_patterns=("models/buffalo_l/det_10g.onnx",), stand_in="tiny-scrfd-10g", non_commercial=True,
                notes=_INSIGHTFACE_NOTES))
-_add(ModelSpec("insightface-w600k-r50", "insightface-arcface", "insightface buffalo_l face embedder: ArcFace IResNet-50 "
-               "trained on WebFace600K, 512-d, 112² norm_crop faces (w600k_r50.onnx); IP-Adapter-FaceID's embedding",
+_add(ModelSpec("insightface-w600k-r50", "insightface-arcface", "insightface buffalo_l face embedder: ArcFace "
+               "IResNet-50 trained on WebFace600K, 512-d, 112² norm_crop faces (w600k_r50.onnx); IP-Adapter-FaceID's "
+               "embedding",
                _INSIGHTFACE_LICENCE, "hf:public-data/insightface", allow_patterns=("models/buffalo_l/w600k_r50.onnx",),
                stand_in="tiny-w600k-r50", non_commercial=True, notes=_INSIGHTFACE_NOTES))
 _add(ModelSpec("tiny-scrfd-10g", "scrfd", "built-in random SCRFD-shaped ONNX detector (det_10g's inputs and nine "

@@ -103,6 +103,7 @@ def session(path: Path, device: str = "cpu"):
         providers.insert(0, ("CUDAExecutionProvider", {"device_id": dev.index or 0}))
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    options.intra_op_num_threads = max(1, torch.get_num_threads())  # cloak's thread budget, not every core
     try:
         return ort.InferenceSession(str(path), sess_options=options, providers=providers)
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidProtobuf types
@@ -280,7 +281,8 @@ class ArcFaceRecognizer:
         if isinstance(batch_dim, int):
             out = [self.session.run([self.output_name], {self.input_name: blob[i:i + 1]})[0] for i in range(len(blob))]
             return np.concatenate(out).reshape(len(blob), -1).astype(np.float32)
-        return self.session.run([self.output_name], {self.input_name: blob})[0].reshape(len(blob), -1).astype(np.float32)
+        out = self.session.run([self.output_name], {self.input_name: blob})[0]
+        return out.reshape(len(blob), -1).astype(np.float32)
 
 
 def input_normalisation(path: Path) -> tuple[float, float]:
@@ -406,16 +408,19 @@ def scrfd_standin_graph(seed: int = STANDIN_SEED, width: int = 8, batched: bool 
             heads[head].append(name)
     order = heads["score"] + heads["bbox"] + heads["kps"]
     sizes = {"score": 1, "bbox": 4, "kps": 10}
-    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT,
-                                             ([1] if batched else []) + [f"n{n.split('_')[1]}", sizes[n.split('_')[0]]])
-               for n in order]
+    outputs = []
+    for name in order:
+        head, stride = name.split("_")
+        outputs.append(helper.make_tensor_value_info(name, TensorProto.FLOAT,
+                                                     ([1] if batched else []) + [f"n{stride}", sizes[head]]))
     graph = helper.make_graph(nodes, "scrfd_standin",
                               [helper.make_tensor_value_info("input.1", TensorProto.FLOAT, [1, 3, "height", "width"])],
                               outputs, initializer=inits)
     return _model(helper, graph)
 
 
-def arcface_standin_graph(seed: int = STANDIN_SEED + 1, width: int = 8, dim: int = 512, normalises_input: bool = False):
+def arcface_standin_graph(seed: int = STANDIN_SEED + 1, width: int = 8, dim: int = 512,
+                          normalises_input: bool = False):
     """An ONNX model shaped like w600k_r50: input ``input.1`` N×3×112×112, one output N×``dim``. A
     miniature IResNet with w600k_r50's operator set — Conv, BatchNormalization, PRelu, a residual Add,
     Flatten, Gemm and the final 1-d BatchNormalization — and seeded random weights. ``normalises_input``
