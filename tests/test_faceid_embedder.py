@@ -392,3 +392,140 @@ def test_real_buffalo_l_finds_and_embeds_the_astronaut(_session_models, astronau
     e = analyzer.embed_first(astronaut)
     e_flip = analyzer.embed_first(np.ascontiguousarray(astronaut[:, ::-1]))
     assert float(e @ e_flip) > 0.6
+
+
+# --- the recognizer as a torch module (DLADiff layer 2) -----------------------------------------------------------
+
+def _ops_graph():
+    """A graph with the converter's remaining operators: Constant, Reshape (with 0 and −1), MatMul, Div, Relu,
+    Sigmoid, Dropout, Identity, Gemm without transB, and an asymmetrically padded Conv."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(5)
+
+    def init(name, array):
+        return numpy_helper.from_array(np.asarray(array, dtype=np.float32), name)
+
+    nodes = [
+        helper.make_node("Conv", ["x", "cw", "cb"], ["c"], kernel_shape=[3, 3], pads=[0, 1, 2, 1], strides=[2, 2]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("Constant", [], ["shape"], value=numpy_helper.from_array(np.array([0, -1], np.int64))),
+        helper.make_node("Reshape", ["r", "shape"], ["flat"]),
+        helper.make_node("MatMul", ["flat", "mw"], ["m"]),
+        helper.make_node("Div", ["m", "two"], ["d"]),
+        helper.make_node("Sigmoid", ["d"], ["s"]),
+        helper.make_node("Dropout", ["s"], ["dr"]),
+        helper.make_node("Identity", ["dr"], ["i"]),
+        helper.make_node("Gemm", ["i", "gw", "gb"], ["y"], alpha=0.5, beta=2.0),
+    ]
+    flat = 4 * 9 * 8  # 4 channels, 18+2 rows → 9, 16+2 cols → 8
+    inits = [init("cw", rng.normal(0, 0.3, (4, 3, 3, 3))), init("cb", rng.normal(0, 0.1, 4)),
+             init("mw", rng.normal(0, 0.1, (flat, 16))), init("two", [2.0]),
+             init("gw", rng.normal(0, 0.3, (16, 6))), init("gb", rng.normal(0, 0.1, 6))]
+    graph = helper.make_graph(nodes, "ops", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 17, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6])], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    onnx.checker.check_model(model)
+    return model, (2, 3, 17, 16)
+
+
+def _exported_iresnet(tmp_path):
+    class Block(torch.nn.Module):  # arcface_torch's IBasicBlock at toy width
+        def __init__(self, c):
+            super().__init__()
+            self.body = torch.nn.Sequential(torch.nn.BatchNorm2d(c), torch.nn.Conv2d(c, c, 3, 1, 1, bias=False),
+                                            torch.nn.BatchNorm2d(c), torch.nn.PReLU(c),
+                                            torch.nn.Conv2d(c, c, 3, 2, 1, bias=False), torch.nn.BatchNorm2d(c))
+            self.down = torch.nn.Sequential(torch.nn.Conv2d(c, c, 1, 2, bias=False), torch.nn.BatchNorm2d(c))
+
+        def forward(self, x):
+            return self.body(x) + self.down(x)
+
+    torch.manual_seed(6)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, 2, 1, bias=False), torch.nn.BatchNorm2d(4), torch.nn.PReLU(4),
+                              Block(4), torch.nn.BatchNorm2d(4), torch.nn.Flatten(), torch.nn.Dropout(0.4),
+                              torch.nn.Linear(4 * 28 * 28, 512), torch.nn.BatchNorm1d(512))
+    for m in net.modules():  # non-trivial running statistics, as trained weights have
+        if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
+            m.running_mean.uniform_(-0.2, 0.2), m.running_var.uniform_(0.5, 1.5), m.weight.data.uniform_(0.5, 1.5)
+    net.eval()
+    path = tmp_path / "iresnet.onnx"
+    torch.onnx.export(net, torch.zeros(1, 3, 112, 112), str(path), dynamo=False, input_names=["input.1"],
+                      output_names=["embedding"], dynamic_axes={"input.1": {0: "n"}, "embedding": {0: "n"}})
+    import onnx
+
+    return onnx.load(str(path)), (2, 3, 112, 112)
+
+
+@pytest.mark.parametrize("which", ["standin", "standin-self-normalising", "torch-export", "ops"])
+def test_onnx_graph_as_torch_matches_onnxruntime_and_has_input_gradients(which, tmp_path):
+    from cloak.models.onnx_torch import OnnxGraphModule
+
+    model, shape = {"standin": lambda: (ins.arcface_standin_graph(), (2, 3, 112, 112)),
+                    "standin-self-normalising": lambda: (ins.arcface_standin_graph(normalises_input=True),
+                                                         (2, 3, 112, 112)),
+                    "torch-export": lambda: _exported_iresnet(tmp_path), "ops": _ops_graph}[which]()
+    x = np.random.default_rng(7).uniform(-1, 1, shape).astype(np.float32)
+    if which == "standin-self-normalising":
+        x = (x + 1) * 127.5
+    sess = _session(model)
+    expected = sess.run(None, {sess.get_inputs()[0].name: x})[0]
+    module = OnnxGraphModule(model)
+    inp = torch.from_numpy(x).requires_grad_(True)
+    out = module(inp)
+    assert out.shape == expected.shape
+    scale = max(1.0, float(np.abs(expected).max()))
+    assert float(np.abs(out.detach().numpy() - expected).max()) <= 1e-4 * scale
+    (grad,) = torch.autograd.grad(out.square().sum(), inp)
+    assert float(grad.abs().sum()) > 0
+
+
+def test_graph_with_an_unsupported_operator_is_refused_by_name():
+    from onnx import TensorProto, helper
+
+    from cloak.models.onnx_torch import OnnxGraphModule
+
+    graph = helper.make_graph([helper.make_node("Softmax", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    with pytest.raises(ModelUnavailableError, match="unsupported operators Softmax"):
+        OnnxGraphModule(helper.make_model(graph))
+
+
+def test_differentiable_crop_is_norm_crop():
+    rng = np.random.default_rng(8)
+    low = rng.uniform(0, 255, (6, 6, 3)).astype(np.uint8)
+    rgb = np.asarray(Image.fromarray(low).resize((200, 160), Image.BICUBIC))
+    landmarks = _similar(TEMPLATE, 1.3, -15.0, (40.0, 5.0))
+    matrix = ins.alignment_matrix(landmarks)
+    image = torch.from_numpy(rgb.copy()).permute(2, 0, 1).double()
+    crop = ins.warp_crops([image], [matrix])[0].permute(1, 2, 0).numpy()
+    # OpenCV interpolates in fixed point (1/32 pixel, 15-bit weights) and rounds to uint8.
+    assert np.abs(crop - ins.norm_crop(rgb, landmarks)).max() <= 1.5
+
+
+def test_dladiff_layer2_attacks_faceids_recognizer_better_than_noise(tmp_path):
+    from cloak.adversarial.identity import IdentityLoss, Region
+    from cloak.api import Common, run_protect
+    from cloak.io.images import read_images
+    from cloak.models.encoders import load_identity_encoder
+    from cloak.models.handle import Models
+
+    images = write_images(tmp_path / "in", n=2, seed=3)
+    rep = run_protect(images, tmp_path / "out", common=Common(
+        method="dladiff", tiny=True, argv=[], options={"layers": "zs", "zs_steps": "6",
+                                                       "encoders": "insightface-w600k-r50"}))
+    zs = rep.summary["layer_zs"]
+    assert zs["encoders"] == ["insightface-w600k-r50"] and zs["faces_found"] == 2  # SCRFD keypoints fixed the crops
+    assert {"tiny-scrfd-10g", "tiny-w600k-r50"} <= {m.id for m in rep.models}
+    # The control: ±8/255 random signs, the same budget, scored on the same crops by the same network.
+    clean = read_images(images, 64).pixels
+    protected = read_images(tmp_path / "out", 64).pixels
+    levels = torch.from_numpy(np.random.default_rng(0).choice([-8, 8], size=clean.shape)).float()
+    noise = (clean + levels / 127.5).clamp(-1, 1)
+    encoder = load_identity_encoder(Models(cache_dir=os.environ["CLOAK_CACHE_DIR"], tiny=True), "insightface-w600k-r50")
+    loss = IdentityLoss([encoder], [Region(None, "image")] * 2, clean)
+    with torch.no_grad():
+        cos_protected, cos_noise = float(loss(protected)), float(loss(noise))
+    assert cos_protected < cos_noise, (cos_protected, cos_noise)

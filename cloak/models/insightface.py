@@ -37,8 +37,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
+from cloak.adversarial.identity import Region, crop_resize
 from cloak.errors import ModelUnavailableError
+from cloak.models.encoders import IdentityEncoder
 from cloak.models.faces import Face
 
 DETECTOR_ID = "insightface-scrfd-10g"
@@ -94,8 +98,6 @@ def model_file(model_dir: Path, name: str, model_id: str) -> Path:
 def session(path: Path, device: str = "cpu"):
     """An onnxruntime session on the CUDA provider when ``device`` is a CUDA device and the installed
     onnxruntime has it (onnxruntime-gpu), on the CPU provider otherwise."""
-    import torch
-
     ort = import_onnxruntime()
     dev = torch.device(device)
     providers: list = ["CPUExecutionProvider"]
@@ -500,3 +502,83 @@ def build_standin_scrfd(target: Path) -> None:
 
 def build_standin_arcface(target: Path) -> None:
     _save(arcface_standin_graph(), Path(target) / RECOGNIZER_FILE)
+
+
+# --- differentiable recognizer (DLADiff layer 2) ------------------------------------------------------------------
+
+def warp_crops(images, matrices, size: int = CROP_SIZE):
+    """Bilinear ``size``² crops of each image (3×h×w tensors) through the image → crop matrices (2×3), zero
+    outside the image: ``cv2.warpAffine`` (as norm_crop uses it) written with ``grid_sample``, so
+    differentiable in the images. Pixel centres sit at integer coordinates in both."""
+    grid_uv = torch.stack(torch.meshgrid(torch.arange(size, dtype=torch.float64),
+                                         torch.arange(size, dtype=torch.float64), indexing="xy"), -1)  # (u, v)
+    crops = []
+    for image, matrix in zip(images, matrices):
+        m = np.asarray(matrix, dtype=np.float64)
+        inverse = np.linalg.inv(m[:, :2])
+        xy = (grid_uv - torch.from_numpy(m[:, 2])) @ torch.from_numpy(inverse).T  # size×size×2 image pixels
+        h, w = image.shape[-2:]
+        grid = torch.stack([2 * xy[..., 0] / max(w - 1, 1) - 1, 2 * xy[..., 1] / max(h - 1, 1) - 1], -1)
+        crops.append(F.grid_sample(image[None], grid[None].to(image.device, image.dtype), mode="bilinear",
+                                   padding_mode="zeros", align_corners=True))
+    return torch.cat(crops)
+
+
+class BuffaloArcFaceEncoder(IdentityEncoder):
+    """w600k_r50 as a torch module (``cloak.models.onnx_torch``) on insightface's own crop: SCRFD's 5 keypoints
+    on the clean image fix the norm_crop, which is resampled differentiably from the protected image — the
+    crop the FaceID attacker embeds. ``forward`` takes [-1, 1] pixels at 112² and returns raw embeddings."""
+
+    def __init__(self, net, detector: SCRFDDetector | None, input_mean: float = 127.5, input_std: float = 127.5,
+                 name: str = RECOGNIZER_ID):
+        super().__init__()
+        self.net = net
+        self.detector = detector
+        self.input_mean, self.input_std = input_mean, input_std
+        self.name = name
+        self.input_size = CROP_SIZE
+
+    def forward(self, x):
+        pixels = (x.float() + 1) * 127.5
+        return self.net((pixels - self.input_mean) / self.input_std)
+
+    def face_view(self, clean, regions):
+        """x → the 112² crops at the clean images' SCRFD keypoints (most confident face); where SCRFD finds
+        no face, the region's box (another detector's) or the whole image, resized. ``.sources`` says which."""
+        from cloak.io.images import to_uint8
+
+        matrices, sources = [], []
+        for i, image in enumerate(clean):
+            faces = self.detector.detect(to_uint8(image)) if self.detector is not None else []
+            if faces:
+                matrices.append(alignment_matrix(faces[0].landmarks))
+                sources.append("face")
+            else:
+                matrices.append(None)
+                sources.append(regions[i].source if regions is not None and i < len(regions) else "image")
+
+        def view(x):
+            crops = []
+            for i, matrix in enumerate(matrices):
+                if matrix is not None:
+                    crops.append(warp_crops([x[i]], [matrix]))
+                else:
+                    region = regions[i] if regions is not None and i < len(regions) else None
+                    crops.append(crop_resize([x[i]], [region or Region(None, "image")], CROP_SIZE))
+            return torch.cat(crops).clamp(-1, 1)
+
+        view.sources = sources
+        return view
+
+
+def load_identity_encoder(models, role: str = "identity-encoder") -> BuffaloArcFaceEncoder:
+    """The differentiable w600k_r50 with its SCRFD crop, for identity attacks (DLADiff layer 2)."""
+    from cloak.models import onnx_torch
+
+    analyzer = load_analyzer(models, role=role)
+    rec_id, rec_dir, _ = models.resolve(RECOGNIZER_ID, f"{role}-embedder")
+    path = model_file(rec_dir, RECOGNIZER_FILE, rec_id)
+    mean, std = analyzer.recognizer.input_mean, analyzer.recognizer.input_std
+    encoder = BuffaloArcFaceEncoder(onnx_torch.load(path), analyzer.detector, mean, std, name=RECOGNIZER_ID)
+    encoder.requires_grad_(False)
+    return encoder.to(models.device).eval()
