@@ -524,7 +524,8 @@ def test_dladiff_layer2_attacks_faceids_recognizer_better_than_noise(tmp_path):
     protected = read_images(tmp_path / "out", 64).pixels
     levels = torch.from_numpy(np.random.default_rng(0).choice([-8, 8], size=clean.shape)).float()
     noise = (clean + levels / 127.5).clamp(-1, 1)
-    encoder = load_identity_encoder(Models(cache_dir=os.environ["CLOAK_CACHE_DIR"], tiny=True), "insightface-w600k-r50")
+    models = Models(cache_dir=os.environ["CLOAK_CACHE_DIR"], tiny=True)
+    encoder = load_identity_encoder(models, "insightface-w600k-r50")
     loss = IdentityLoss([encoder], [Region(None, "image")] * 2, clean)
     with torch.no_grad():
         cos_protected, cos_noise = float(loss(protected)), float(loss(noise))

@@ -73,7 +73,7 @@ class DLADiffOptions(SurrogateOptions):
     zs_steps: int = Field(100, ge=0, description="layer 2 PGD steps")
     encoders: list[str] = Field(["arcface-irse50", "ip-adapter-image-encoder"],
                                 description="identity encoders attacked together (catalog ids: arcface-irse50, "
-                                            "ip-adapter-image-encoder, dlib-resnet)")
+                                            "ip-adapter-image-encoder, dlib-resnet, insightface-w600k-r50)")
     face_margin: float = Field(0.0, ge=0, description="square face box = longer detector side × (1 + margin)")
 
     @field_validator("layers", "encoders", mode="before")
@@ -107,10 +107,11 @@ class DLADiff(ProtectMethod):
                          "attention-map disruption and alternating fine-tuning; PGD against several identity encoders"
     notes: ClassVar[str] = (
         LABEL + ". The paper body was not available: the attention-loss form, layers, weights, budgets, step "
-        "counts, encoder set and the composition of the two layers are proposals (protect.md §9). The ArcFace "
-        "models of the spec's encoder set (insightface antelopev2 / buffalo_l) are ONNX graphs with no gradient "
-        "here; layer 2 attacks ArcFace IR-SE50 and IP-Adapter's CLIP image encoder instead (or dlib-resnet, dlib's "
-        "face ResNet on real weights that install offline). Clean reference set "
+        "counts, encoder set and the composition of the two layers are proposals (protect.md §9). Of the spec's "
+        "encoder set, insightface antelopev2 is not available; buffalo_l's recognizer (FaceID's embedder) is, as "
+        "-o encoders=...,insightface-w600k-r50 (its ONNX graph run as torch ops; needs cloak[faceid], "
+        "non-commercial weights). By default layer 2 attacks ArcFace IR-SE50 and IP-Adapter's CLIP image encoder "
+        "(or dlib-resnet, dlib's face ResNet on real weights that install offline). Clean reference set "
         "(set A) from --ref; without it the input images stand in for it.")
     Options = DLADiffOptions
     proposals: ClassVar[tuple[str, ...]] = (
