@@ -85,7 +85,7 @@ class IPAdapter(AttackMethod):
     def __call__(self, images: ImageSet) -> AttackResult:
         ctx, o = self.ctx, self.opts
         sd = ctx.models.sd(ctx.model, role="base")
-        weights, adapter_id, stand_in = adapters.load(ctx.models, o.variant)
+        weights, adapter_id, _ = adapters.load(ctx.models, o.variant)
         adapters.check_fits(weights, sd.unet, adapter_id, sd.id)
         if o.reference is not None and o.reference >= len(images):
             raise UsageError(f"-o reference={o.reference}: there are only {len(images)} input images")
