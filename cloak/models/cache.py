@@ -397,10 +397,18 @@ def _download(url: str, dest: Path) -> None:
     with resp:
         resumed = have and resp.status == 206 and \
             (resp.headers.get("Content-Range") or "").startswith(f"bytes {have}-")
+        expected = resp.headers.get("Content-Length")
+        got = 0
         with open(part, "ab" if resumed else "wb") as fh:
-            # http.client raises IncompleteRead when the connection closes before Content-Length bytes:
-            # what arrived stays in .part for the next attempt
-            shutil.copyfileobj(resp, fh, 1 << 20)
+            while chunk := resp.read(1 << 20):
+                fh.write(chunk)
+                got += len(chunk)
+    # http.client's read(n) returns b"" when the server closes early instead of raising: compare with
+    # Content-Length, so a cut transfer stays a .part (resumed next time) and is never published as whole
+    if expected is not None and got != int(expected):
+        import http.client
+
+        raise http.client.IncompleteRead(b"", int(expected) - got)
     os.replace(part, dest)
 
 
