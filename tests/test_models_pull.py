@@ -330,3 +330,18 @@ def test_models_list_says_which_entries_are_pinned(cli):
             assert f.sha256_prefix is None or f.sha256_prefix in (f.url or ""), (spec.id, f.path)
         if trust(spec) in ("pinned", "partial", "prefix"):
             assert spec.pin_source, spec.id
+
+
+def test_torchvision_entries_name_the_files_torchvision_publishes():
+    """The URLs (and so the hash prefixes) are torchvision's own; VGG-19's was once mistyped (404)."""
+    import torchvision.models as tvm
+
+    from cloak.models.catalog import CATALOG
+    from cloak.models.encoders import VGG19_FILE
+
+    for model_id, weights in (("alexnet-imagenet", tvm.AlexNet_Weights), ("vgg16-imagenet", tvm.VGG16_Weights),
+                              ("vgg19-imagenet", tvm.VGG19_Weights)):
+        (f,) = CATALOG[model_id].files
+        assert f.url == weights.IMAGENET1K_V1.url and f.url.endswith("/" + f.path)
+        assert f.path.rsplit("-", 1)[1] == f.sha256_prefix + ".pth"
+    assert CATALOG["vgg19-imagenet"].files[0].path == VGG19_FILE
