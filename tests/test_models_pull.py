@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -20,6 +21,7 @@ from urllib.parse import unquote, urlsplit
 import pytest
 
 REPO = "cloak-test/tiny-sd"
+ARCHIVE = "cloak-archive/tiny-sd"  # a second copy of the same files, for a repository that went away
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 RELEASE_URL = "https://github.com/xinntao/facexlib/releases/download/v0.1.0/detection_Resnet50_Final.pth"
 LFS_SUFFIXES = (".safetensors", ".bin", ".pth")
@@ -37,6 +39,7 @@ class Mirror:
         self.release_files = release_files  # "/<host>/<path>" -> bytes
         self.requests: list[tuple[str, str, str | None]] = []  # (method, path, Range header)
         self.cut_once: set[str] = set()  # url paths whose next GET sends half the body, then closes
+        self.gone: set[str] = set()  # repositories that answer 401, as the hub does for removed ones
 
     # --- what the hub's API answers ---------------------------------------------------------------
     def tree(self) -> list[dict]:
@@ -49,8 +52,9 @@ class Mirror:
         return rows
 
     def file_for(self, url_path: str) -> tuple[bytes, dict[str, str]] | None:
-        prefix = f"/{REPO}/resolve/"
-        if url_path.startswith(prefix):
+        prefix = next((f"/{repo}/resolve/" for repo in (REPO, ARCHIVE) if url_path.startswith(f"/{repo}/resolve/")),
+                      None)
+        if prefix:
             _rev, _, path = url_path[len(prefix):].partition("/")
             data = self.hub_files.get(path)
             if data is None:
@@ -121,17 +125,33 @@ def _handler(mirror: Mirror):
                 return
             self.wfile.write(body)
 
+        def _gone(self) -> bool:
+            path = urlsplit(self.path).path
+            if not any(path.startswith(f"/api/models/{r}/") or path.startswith(f"/{r}/") for r in mirror.gone):
+                return False
+            body = b'{"error": "Invalid username or password."}'
+            self.send_response(401)
+            self.send_header("X-Error-Code", "RepoNotFound")
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return True
+
         def do_HEAD(self):  # noqa: N802
             mirror.requests.append(("HEAD", self.path, self.headers.get("Range")))
-            self._file(head=True)
+            if not self._gone():
+                self._file(head=True)
 
         def do_GET(self):  # noqa: N802
             mirror.requests.append(("GET", self.path, self.headers.get("Range")))
+            if self._gone():
+                return
             path = urlsplit(self.path).path
-            api = f"/api/models/{REPO}/"
-            if path.startswith(api + "revision/"):
-                self._json({"id": REPO, "sha": COMMIT, "siblings": [{"rfilename": p} for p in mirror.hub_files]})
-            elif path.startswith(api + "tree/"):
+            repo = next((r for r in (REPO, ARCHIVE) if path.startswith(f"/api/models/{r}/")), None)
+            if repo and path.startswith(f"/api/models/{repo}/revision/"):
+                self._json({"id": repo, "sha": COMMIT, "siblings": [{"rfilename": p} for p in mirror.hub_files]})
+            elif repo and path.startswith(f"/api/models/{repo}/tree/"):
                 self._json(mirror.tree())
             else:
                 self._file(head=False)
@@ -174,10 +194,11 @@ def mirror(shared_cache, tmp_path, monkeypatch):
     pins = {p: _sha256(d) for p, d in hub.items()}
     monkeypatch.setitem(catalog.CATALOG, "mirror-sd", catalog.ModelSpec(
         "mirror-sd", "sd", "tiny-sd served by a local hub mirror", "MIT (cloak)", f"hf:{REPO}", revision=COMMIT,
-        files=catalog._hub_pins(pins), allow_patterns=tuple(pins), stand_in="tiny-sd"))
+        files=catalog._hub_pins(pins), allow_patterns=tuple(pins), stand_in="tiny-sd",
+        archives=(f"hf:{ARCHIVE}@{COMMIT}",)))
     monkeypatch.setitem(catalog.CATALOG, "mirror-sd-main", catalog.ModelSpec(
         "mirror-sd-main", "sd", "tiny-sd from a mirror, revision main, nothing pinned", "MIT (cloak)", f"hf:{REPO}",
-        allow_patterns=("model_index.json", "unet/*")))
+        allow_patterns=("model_index.json", "unet/*"), archives=(f"hf:{ARCHIVE}@{COMMIT}",)))
     monkeypatch.setitem(catalog.CATALOG, "mirror-retina", catalog.ModelSpec(
         "mirror-retina", "retinaface", "tiny RetinaFace as a release file", "MIT (cloak)", "url",
         files=(catalog.FileSpec(RETINAFACE_FILE, RELEASE_URL, sha256=_sha256(retina)),)))
@@ -221,6 +242,22 @@ def test_pull_of_a_branch_records_the_commit_it_resolved_to(mirror, cli):
     assert any(path.startswith(f"/api/models/{REPO}/revision/main") for _, path, _ in mirror.requests)
     lock = json.loads((_cache() / "lock.json").read_text())["mirror-sd-main"]
     assert lock["revision"] == "main" and lock["commit"] == COMMIT and lock["trust"] == "tofu"
+
+
+def test_a_pinned_model_whose_repository_is_gone_comes_from_its_archive(mirror, cli):
+    mirror.gone.add(REPO)
+    r = cli("models", "pull", "mirror-sd")
+    assert r.exit_code == 0, r.stderr
+    assert f"{REPO} is not available" in r.stderr and ARCHIVE in r.stderr
+    assert any(p.startswith(f"/{ARCHIVE}/resolve/{COMMIT}/") for _, p, _ in mirror.requests)
+    lock = json.loads((_cache() / "lock.json").read_text())["mirror-sd"]
+    assert lock["source"] == f"hf:{ARCHIVE}" and lock["commit"] == COMMIT
+    assert cli("models", "verify", "mirror-sd").exit_code == 0
+    # an entry that is not fully pinned never takes its bytes from another repository
+    r = cli("models", "pull", "mirror-sd-main")
+    assert r.exit_code == 4 and "401" in r.stderr, r.stderr
+    assert not any(p.startswith(f"/api/models/{ARCHIVE}/revision/") for _, p, _ in mirror.requests)
+    assert not (_cache() / "models" / "mirror-sd-main").exists()
 
 
 def test_a_file_that_differs_from_its_pin_is_refused_and_nothing_is_installed(mirror, cli, monkeypatch):
@@ -330,6 +367,8 @@ def test_models_list_says_which_entries_are_pinned(cli):
             assert f.sha256_prefix is None or f.sha256_prefix in (f.url or ""), (spec.id, f.path)
         if trust(spec) in ("pinned", "partial", "prefix"):
             assert spec.pin_source, spec.id
+        for archive in spec.archives:  # only where the pins, not the repository name, vouch for the bytes
+            assert trust(spec) == "pinned" and re.fullmatch(r"hf:[\w.-]+/[\w.-]+@[0-9a-f]{40}", archive), spec.id
 
 
 def test_torchvision_entries_name_the_files_torchvision_publishes():

