@@ -247,11 +247,14 @@ _add(ModelSpec("vgg19-imagenet", "vgg19", "VGG-19 ImageNet weights (torchvision)
                                sha256_prefix="dcbb9e9d"),), pin_source=_TORCHVISION_PINS,
                stand_in="tiny-vgg19", notes="only the convolutional part (features.*) is read"))
 # h94's LFS sha256 of these files, as SwarmUI pins them for the same hub URLs
-# (mcmonkeyprojects/SwarmUI, src/BuiltinExtensions/ComfyUIBackend). No commit id found: revision "main".
+# (mcmonkeyprojects/SwarmUI, src/BuiltinExtensions/ComfyUIBackend), and as several public setups pin them
+# together with h94/IP-Adapter revision 018e4027 (the encoder "matching the published LFS object").
+# No commit id of h94/IP-Adapter-FaceID was found: that entry keeps revision "main".
 _IPA_PINS = "hub LFS sha256 as pinned by mcmonkeyprojects/SwarmUI (ComfyUIBackend) for these URLs"
+_IPA_REVISION = "018e402774aeeddd60609b4ecdb7e298259dc729"
 _add(ModelSpec("ip-adapter-image-encoder", "clip-vision",
                "IP-Adapter SD1.5 image encoder: OpenCLIP ViT-H/14 vision tower with projection; DLADiff layer 2",
-               "Apache-2.0 (h94/IP-Adapter; OpenCLIP weights MIT)", "hf:h94/IP-Adapter",
+               "Apache-2.0 (h94/IP-Adapter; OpenCLIP weights MIT)", "hf:h94/IP-Adapter", revision=_IPA_REVISION,
                allow_patterns=("models/image_encoder/config.json", "models/image_encoder/model.safetensors"),
                files=(FileSpec("models/image_encoder/model.safetensors",
                                sha256="6ca9667da1ca9e0b0f75e46bb030f7e011f44f86cbfb8d5a36590fcd7507b030"),),
@@ -264,7 +267,7 @@ _add(ModelSpec("tiny-clip-vision", "clip-vision", "built-in random CLIP vision t
 # --- zero-shot identity adapters (attack.md §4; cloak.models.adapters) -------------------------------------
 _add(ModelSpec("ip-adapter-sd15", "ip-adapter", "IP-Adapter for SD 1.5 (CLIP image embedding → 4 tokens, decoupled "
                "cross-attention); image encoder: ip-adapter-image-encoder", "Apache-2.0 (h94/IP-Adapter)",
-               "hf:h94/IP-Adapter", allow_patterns=("models/ip-adapter_sd15.safetensors",),
+               "hf:h94/IP-Adapter", revision=_IPA_REVISION, allow_patterns=("models/ip-adapter_sd15.safetensors",),
                files=(FileSpec("models/ip-adapter_sd15.safetensors",
                                sha256="289b45f16d043d0bf542e45831f971dcdaabe18b656f11e86d9dfba7e9ee3369"),),
                stand_in="tiny-ip-adapter-sd15", pin_source=_IPA_PINS + "; LFS pointer in github.com/altayavci/"
