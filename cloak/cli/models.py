@@ -19,7 +19,8 @@ app = typer.Typer(no_args_is_help=True,
                        "that differs from its pin is refused and deleted.\n\n"
                        "Mirrors: HF_ENDPOINT=URL sends hub downloads to a hub mirror; CLOAK_MIRROR=URL fetches "
                        "release files from URL/<host>/<path> (e.g. URL/github.com/sczhou/CodeFormer/releases/"
-                       "download/v0.1.0/codeformer.pth). An interrupted pull resumes when run again.",
+                       "download/v0.1.0/codeformer.pth). An interrupted pull resumes when run again (what "
+                       "arrived is kept).",
                   epilog="Examples:\n\n  cloak models list\n\n  cloak models pull sd21-base retinaface-r50 "
                          "arcface-irse50\n\n  CLOAK_MIRROR=https://artifacts.example/cloak HF_ENDPOINT="
                          "https://hf-mirror.example cloak models pull codeformer sd15\n\n"

