@@ -317,6 +317,10 @@ _add(ModelSpec("brisque-svm", "brisque", "BRISQUE ε-SVR and feature scaling shi
                notes="read as data (libsvm text, class-free unpickling); the package is not imported"))
 _add(ModelSpec("clip-vit-b32", "clip", "OpenAI CLIP ViT-B/32 (open_clip safetensors re-release); clipiqa-c",
                "MIT (OpenAI CLIP)", "hf:timm/vit_base_patch32_clip_224.openai",
+               # the commit a public deployment record names as its cached upstream; no file digest is
+               # published that names its file, so the files are recorded at first pull
+               revision="a6f597a30f7b82c51704746581f9a4e41421e878",
+               pin_source="commit named as the cached upstream in a public OpenCLIP deployment record",
                allow_patterns=("open_clip_model.safetensors", "open_clip_config.json"), stand_in="tiny-clip-vit-b32"))
 _add(ModelSpec("clip-rn50", "clip", "OpenAI CLIP RN50 (open_clip safetensors re-release); clipiqa (piq's backbone)",
                "MIT (OpenAI CLIP)", "hf:timm/resnet50_clip.openai",
