@@ -384,3 +384,13 @@ def test_torchvision_entries_name_the_files_torchvision_publishes():
         assert f.url == weights.IMAGENET1K_V1.url and f.url.endswith("/" + f.path)
         assert f.path.rsplit("-", 1)[1] == f.sha256_prefix + ".pth"
     assert CATALOG["vgg19-imagenet"].files[0].path == VGG19_FILE
+
+
+def test_reports_name_the_commit_a_branch_was_pulled_at(mirror, cli):
+    from cloak.models.handle import Models
+
+    assert cli("models", "pull", "mirror-sd-main").exit_code == 0
+    models = Models(cache_dir=_cache())
+    models.resolve("mirror-sd-main", "surrogate")
+    (record,) = models.records()
+    assert record.revision == COMMIT and record.sha256  # not "main": the commit whose files were used

@@ -482,6 +482,11 @@ def verify(cache: Path, model_id: str) -> list[str]:
     return problems
 
 
+def pulled_revision(cache: Path, model_id: str) -> str | None:
+    """The commit id a cached hub model was pulled at (lock.json), or None when not recorded."""
+    return read_lock(cache).get(model_id, {}).get("commit")
+
+
 def weights_digest(cache: Path, model_id: str) -> str | None:
     """One digest for a cached model's weights (from the lock file; no rehash at run time)."""
     files = read_lock(cache).get(model_id, {}).get("files", {})
