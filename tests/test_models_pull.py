@@ -394,3 +394,11 @@ def test_reports_name_the_commit_a_branch_was_pulled_at(mirror, cli):
     models.resolve("mirror-sd-main", "surrogate")
     (record,) = models.records()
     assert record.revision == COMMIT and record.sha256  # not "main": the commit whose files were used
+
+
+def test_a_mirror_without_the_file_is_named_not_taken_for_a_network_outage(mirror, cli):
+    r = cli("models", "pull", "codeformer")  # the mirror serves no CodeFormer
+    assert r.exit_code == 4, r.stderr
+    assert "404" in r.stderr and "/github.com/sczhou/CodeFormer/releases/download/v0.1.0/codeformer.pth" in r.stderr
+    assert "no network" not in r.stderr
+    assert not (_cache() / "models" / "codeformer").exists()

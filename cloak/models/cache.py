@@ -228,7 +228,9 @@ def pull(cache: Path, model_id: str, *, progress: Callable[[str], None] | None =
                      f"--model DIR; or pull from a mirror (HF_ENDPOINT=https://your-mirror for hub models, "
                      f"CLOAK_MIRROR=https://your-mirror for release files), or run `cloak models pull {model_id}` "
                      f"on a machine with network access and copy {target} here") from None
-        raise ModelUnavailableError(f"pulling {model_id} from {spec.source} failed: {_first_line(exc)}") from None
+        where = f" ({exc.url})" if getattr(exc, "url", None) and isinstance(getattr(exc, "code", None), int) else ""
+        raise ModelUnavailableError(f"pulling {model_id} from {spec.source} failed: {_first_line(exc)}{where}") \
+            from None
     shutil.rmtree(target / ".cache", ignore_errors=True)  # huggingface_hub's resume metadata: done with it
     lock = read_lock(cache)
     lock[model_id] = {"source": source, "revision": revision, "commit": commit, "trust": trust(spec),
@@ -372,6 +374,8 @@ def is_network_error(exc: BaseException) -> bool:
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
+        if isinstance(exc, urllib.error.HTTPError):  # a server answered (404, 403...): not a network outage
+            return False
         if isinstance(exc, (urllib.error.URLError, socket.gaierror, socket.timeout, ConnectionError, TimeoutError)):
             return True
         if any(word in type(exc).__name__.lower() for word in _NETWORK_WORDS):
