@@ -403,3 +403,12 @@ def test_a_mirror_without_the_file_is_named_not_taken_for_a_network_outage(mirro
     assert "404" in r.stderr and "/github.com/sczhou/CodeFormer/releases/download/v0.1.0/codeformer.pth" in r.stderr
     assert "no network" not in r.stderr
     assert not (_cache() / "models" / "codeformer").exists()
+
+
+def test_a_model_pulled_before_pins_reports_what_was_pulled_then(tmp_path):
+    from cloak.models.cache import _write_lock, pulled_revision
+
+    _write_lock(tmp_path, {"sd21-base": {"source": "hf:stabilityai/stable-diffusion-2-1-base", "revision": "main",
+                                         "files": {"unet/x": "0" * 64}}})
+    assert pulled_revision(tmp_path, "sd21-base") == "main"  # not the commit the catalog pins today
+    assert pulled_revision(tmp_path, "sd14") is None

@@ -487,8 +487,10 @@ def verify(cache: Path, model_id: str) -> list[str]:
 
 
 def pulled_revision(cache: Path, model_id: str) -> str | None:
-    """The commit id a cached hub model was pulled at (lock.json), or None when not recorded."""
-    return read_lock(cache).get(model_id, {}).get("commit")
+    """What a cached model was pulled at, from lock.json: the commit id, or for pulls made before commits
+    were recorded the revision asked for then (not the catalog's current pin); None if never pulled."""
+    entry = read_lock(cache).get(model_id) or {}
+    return entry.get("commit") or entry.get("revision")
 
 
 def weights_digest(cache: Path, model_id: str) -> str | None:
