@@ -201,7 +201,7 @@ def test_models_list_piped_is_only_tsv(capfd):
     r = run_cli("models", "list")
     assert r.exit_code == 0
     rows = r.stdout.splitlines()
-    assert rows and all(len(row.split("\t")) == 5 for row in rows)  # id, status, kind, licence, size
+    assert rows and all(len(row.split("\t")) == 6 for row in rows)  # id, status, kind, trust, licence, size
     assert "tiny-sd" in {row.split("\t")[0] for row in rows}
 
 

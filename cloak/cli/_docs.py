@@ -216,6 +216,7 @@ def man_page(cmd: Cmd) -> str:
                                       "130 interrupted."))
         parts.append(".SH ENVIRONMENT")
         parts.append(_roff_paragraphs("CLOAK_CACHE_DIR (model cache), CLOAK_DEVICE, CLOAK_CONFIG, CLOAK_OFFLINE, "
+                                      "CLOAK_MIRROR and HF_ENDPOINT (mirrors for cloak models pull), "
                                       "CLOAK_DEBUG=1 (tracebacks), NO_COLOR."))
     see = sorted({"cloak"} | {"-".join(c.path) for c in cmd.children} - {name})
     parts += [".SH SEE ALSO", ", ".join(f"\\fB{_roff(s)}\\fR(1)" for s in see)]

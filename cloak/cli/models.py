@@ -11,9 +11,20 @@ import typer
 from cloak.cli import _output
 from cloak.cli._options import CacheOpt, JsonOpt
 
-app = typer.Typer(no_args_is_help=True, help="Manage the shared model cache. Only `pull` touches the network.",
+app = typer.Typer(no_args_is_help=True,
+                  help="Manage the shared model cache. Only `pull` touches the network.\n\n"
+                       "Pins: an entry is `pinned` (hub commit id and every file's published sha256), `partial` "
+                       "(some pins; the rest recorded at the first pull), `prefix` (torchvision's 8-digit hash "
+                       "prefix) or `tofu` (nothing published: trust on first use, recorded in lock.json). A file "
+                       "that differs from its pin is refused and deleted.\n\n"
+                       "Mirrors: HF_ENDPOINT=URL sends hub downloads to a hub mirror; CLOAK_MIRROR=URL fetches "
+                       "release files from URL/<host>/<path> (e.g. URL/github.com/sczhou/CodeFormer/releases/"
+                       "download/v0.1.0/codeformer.pth). An interrupted pull resumes when run again (what "
+                       "arrived is kept).",
                   epilog="Examples:\n\n  cloak models list\n\n  cloak models pull sd21-base retinaface-r50 "
-                         "arcface-irse50\n\n  cloak models verify sd21-base\n\n  cloak models path tiny-sd")
+                         "arcface-irse50\n\n  CLOAK_MIRROR=https://artifacts.example/cloak HF_ENDPOINT="
+                         "https://hf-mirror.example cloak models pull codeformer sd15\n\n"
+                         "  cloak models verify sd21-base\n\n  cloak models path tiny-sd")
 
 
 def _cache(cache_dir: str | None):
@@ -24,9 +35,11 @@ def _cache(cache_dir: str | None):
 
 @app.command("list")
 def list_models(cache_dir: CacheOpt = None, as_json: JsonOpt = False) -> None:
-    """List known model ids, their licence, whether they are in the cache and their size on disk."""
+    """List known model ids, how pulls are checked (trust), licence, cache status and size on disk.
+
+    Piped: TSV rows id, status, kind, trust, licence, size."""
     from cloak.models.cache import dir_size, human_size, is_complete, model_dir
-    from cloak.models.catalog import CATALOG
+    from cloak.models.catalog import CATALOG, trust
 
     cache = _cache(cache_dir)
     rows = []
@@ -38,13 +51,13 @@ def list_models(cache_dir: CacheOpt = None, as_json: JsonOpt = False) -> None:
             target = model_dir(cache, spec.id)
             present = is_complete(target)
             size = dir_size(target) if target.is_dir() else None  # an interrupted pull takes space too
-        pinned = all(f.sha256 for f in spec.files) and bool(spec.files)
+        trusted = trust(spec)
         status = "built-in" if spec.builtin else ("cached" if present else "missing")
         if spec.source.startswith("pip:"):
             status = "packaged" if present else "package missing"
         rows.append({"id": spec.id, "kind": spec.kind, "status": status, "licence": spec.licence,
                      "non_commercial": spec.non_commercial, "source": spec.source, "revision": spec.revision,
-                     "checksum": "pinned" if pinned else ("n/a" if spec.builtin else "recorded at pull"),
+                     "trust": trusted, "checksum": _CHECKSUM_WORDS.get(trusted, "n/a"), "pin_source": spec.pin_source,
                      "stand_in": spec.stand_in, "description": spec.description, "notes": spec.notes,
                      "size_bytes": size})
     if as_json:
@@ -52,7 +65,8 @@ def list_models(cache_dir: CacheOpt = None, as_json: JsonOpt = False) -> None:
         return
     if not sys.stdout.isatty():  # piped: one TSV row per model, nothing else on stdout
         for r in rows:
-            _output.data(f"{r['id']}\t{r['status']}\t{r['kind']}\t{r['licence']}\t{human_size(r['size_bytes'])}")
+            _output.data(f"{r['id']}\t{r['status']}\t{r['kind']}\t{r['trust']}\t{r['licence']}\t"
+                         f"{human_size(r['size_bytes'])}")
         _output.note(f"cache: {cache}")
         return
     from rich.console import Console
@@ -61,14 +75,20 @@ def list_models(cache_dir: CacheOpt = None, as_json: JsonOpt = False) -> None:
 
     # On a terminal the same rows as a table, instead of the TSV (not as well).
     t = Table(show_edge=False)
-    for col in ("id", "status", "size", "licence", "description"):
+    for col in ("id", "status", "trust", "size", "licence", "description"):
         t.add_column(col)
     for r in rows:
         lic = Text(r["licence"]) + (Text(" (NON-COMMERCIAL)", style="bold red") if r["non_commercial"] else Text())
-        t.add_row(Text(r["id"]), Text(r["status"]), Text(human_size(r["size_bytes"])), lic, Text(r["description"]))
+        t.add_row(Text(r["id"]), Text(r["status"]), Text(r["trust"]), Text(human_size(r["size_bytes"])), lic,
+                  Text(r["description"]))
     Console(highlight=False, markup=False).print(t)
     total = sum(r["size_bytes"] or 0 for r in rows)
     _output.note(f"cache: {cache} ({human_size(total)} in models)")
+
+
+_CHECKSUM_WORDS = {"pinned": "pinned", "partial": "partly pinned, the rest recorded at pull",
+                   "prefix": "sha256 prefix from the file name, full digest recorded at pull",
+                   "tofu": "recorded at pull (trust on first use)"}
 
 
 def _packaged(model_id: str) -> bool:
@@ -109,7 +129,7 @@ def verify(
     ids: Annotated[Optional[list[str]], typer.Argument(metavar="[ID...]", help="Default: every cached model.")] = None,
     cache_dir: CacheOpt = None,
 ) -> None:
-    """Re-hash cached files against the recorded or pinned digests; exit 1 on a mismatch, 4 if not cached."""
+    """Re-hash cached files against the pinned and recorded digests; exit 1 on a mismatch, 4 if not cached."""
     from cloak.errors import CloakError, ModelUnavailableError
     from cloak.models.cache import is_complete, model_dir, spec_or_error
     from cloak.models.cache import verify as do_verify

@@ -37,7 +37,7 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 # --- VGG-19 -------------------------------------------------------------------------------------------
-VGG19_FILE = "vgg19-dcbbe1ad.pth"  # torchvision release file name
+VGG19_FILE = "vgg19-dcbb9e9d.pth"  # torchvision release file name
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # Index of each conv layer in torchvision's ``vgg19().features`` (the ReLU that follows is index + 1).

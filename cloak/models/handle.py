@@ -204,9 +204,11 @@ class Models:
 
     def _record(self, role: str, model_id: str, path: Path, digest: str | None, stand_in: bool) -> None:
         spec = get_spec(model_id)
+        revision = None
+        if spec and not spec.builtin:  # the commit the pull resolved to, when the lock knows it
+            revision = model_cache.pulled_revision(self.cache_dir, model_id) or spec.revision
         self._records[(role, model_id)] = ModelRecord(
-            role=role, id=model_id, path=str(path), revision=spec.revision if spec and not spec.builtin else None,
-            sha256=digest, stand_in=stand_in)
+            role=role, id=model_id, path=str(path), revision=revision, sha256=digest, stand_in=stand_in)
 
     def records(self) -> list[ModelRecord]:
         return list(self._records.values())
