@@ -54,14 +54,15 @@ PRESETS: dict[str, Preset] = {
     # [P: DiffShortcut A.1; C: liuyixin-louis/DiffShortcut scripts/sub/train/full.sh; spec attack.md §3] the
     # Anti-DreamBooth protocol with the negative-token training and noise-free sampling (method diffshortcut);
     # batch 2 as the paper states (the released script: 1, -o batch_size=1); prompts "a photo of sks person",
-    # "a smiling photo of sks person"; guidance 8.5 (= the paper's w 7.5, diffusers convention).
+    # "a smiling photo of sks person". Guidance and negative prompt stay the method's own (paper: 8.5 = w 7.5 in
+    # diffusers' convention; --compat: the released code's), so --compat still switches them.
     "diffshortcut": Preset(
         "diffshortcut", "diffshortcut", "sd21-base",
         {"steps": 1000, "lr": 5e-7, "batch_size": 2, "train_text_encoder": True, "prior_weight": 1.0,
          "class_images": 200, "class_image_steps": 50, "instance_prompt": "a photo of sks person",
          "class_prompt": "a photo of person",
          "prompts": ["a photo of sks person", "a smiling photo of sks person"], "num_images": 16,
-         "sample_steps": 100, "guidance": 8.5, "sampler": "default"},
+         "sample_steps": 100, "sampler": "default"},
         "DiffShortcut (Liu, Chen & Sun 2024) appendix A.1 + scripts/sub/train/full.sh"),
 }
 

@@ -203,7 +203,8 @@ class IdMatch(Metric):
                   "of the weights' authors). idmatch_det: the fraction among images with a face")
     notes = ("Unlike ism, a gate on idmatch means the same thing under every backend: e.g. --fail-if 'idmatch>0.5' "
              "fails when more than half of the generations are recognised as the subject. A backend without a "
-             "published threshold gets no idmatch.")
+             "published threshold gets no idmatch. [PROP] dlib publishes a pairwise threshold: cloak asks it of "
+             "every reference face and lets the majority decide (one reference image: the plain pairwise rule).")
     proposals = BACKEND_PROPOSALS
     lower_better = True  # fewer generations recognised as the subject = stronger protection
     range = (0.0, 1.0)
