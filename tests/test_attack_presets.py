@@ -128,3 +128,17 @@ def test_a_model_without_a_named_base_samples_its_own_class_images(tmp_path):
     rep = run_attack(images, tmp_path / "out", common=Common(tiny=True, options=dict(TINY), argv=[]))
     assert rep.summary["class_images_model"]["why"].startswith("the attacked model")
     assert "preset" not in rep.summary and "preset" not in rep.params
+
+
+def test_a_base_whose_content_changed_since_immunize_is_named_in_a_warning(immunized, tmp_path):
+    import shutil
+
+    root, _, _ = immunized
+    model = tmp_path / "model"
+    shutil.copytree(root / "model", model)
+    note = json.loads((model / "cloak_model.json").read_text())
+    (model / "cloak_model.json").write_text(json.dumps({**note, "base_digest": "0" * 64}))
+    rep = run_attack(root / "subject", tmp_path / "out", preset="apdm",
+                     common=Common(tiny=True, model=str(model), options=dict(TINY), argv=[]))
+    assert rep.summary["class_images_model"]["base_digest_differs"] is True
+    assert any("content differs from the base" in w for w in rep.warnings)

@@ -132,7 +132,12 @@ class DreamBooth(AttackMethod):
                 base_sd = ctx.models.sd(candidate, role="class-images")
             except CloakError:  # not cached / moved: try the recorded path next
                 continue
-            return base_sd, {"id": candidate, "why": why, "attacked_model": sd.id}
+            record = {"id": candidate, "why": why, "attacked_model": sd.id}
+            if note.get("base_digest") and base_sd.digest and note["base_digest"] != base_sd.digest:
+                record["base_digest_differs"] = True
+                ctx.warn(f"the class images come from {candidate}, whose content differs from the base "
+                         f"{note_path} was made from (digest {base_sd.digest[:12]} vs {note['base_digest'][:12]})")
+            return base_sd, record
         raise ModelUnavailableError(f"{sd.id} names its base model {base!r} for the class images, and it cannot be "
                                     "loaded", hint=f"cloak models pull {base}, or -o class_model=ID|DIR, or "
                                                    "--class-dir DIR")
