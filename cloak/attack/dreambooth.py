@@ -7,6 +7,9 @@ shared one in ``cloak.diffusion.dreambooth``.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 from pydantic import Field
 
@@ -16,6 +19,8 @@ from cloak.diffusion.class_images import class_images
 from cloak.diffusion.checkpoint import TrainingCheckpoint
 from cloak.diffusion.dreambooth import DreamBoothConfig, DreamBoothTrainer
 from cloak.io.images import ImageSet
+
+MAX_BASE_HOPS = 8  # personalized (attack --save-model) → immunized → base: follow the notes this far at most
 
 
 class DreamBoothOptions(GenerationOptions):
@@ -30,6 +35,9 @@ class DreamBoothOptions(GenerationOptions):
     instance_prompt: str = Field("a photo of sks person", description="instance prompt")
     class_prompt: str = Field("a photo of person", description="class prompt")
     train_text_encoder: bool = Field(True, description="also fine-tune the text encoder")
+    class_model: str | None = Field(None, description="model (id or directory) that generates the class images; "
+                                    "none = the base model named in the attacked model's cloak_model.json (a "
+                                    "model written by cloak immunize or --save-model), else the attacked model")
     checkpoint_every: int = Field(500, ge=0, description="write a resumable checkpoint to OUTPUT/.checkpoint every "
                                   "N training steps (--resume continues from it; 0 = never)")
 
@@ -44,8 +52,10 @@ class DreamBooth(AttackMethod):
     def train(self, images: ImageSet, sd, unet, text_encoder, cfg: DreamBoothConfig) -> AttackResult:
         ctx, o = self.ctx, self.opts
         class_latents = None
+        class_source = None
         if o.class_images > 0 and o.prior_weight > 0:
-            cls = class_images(sd, o.class_prompt, o.class_images, ctx.cache_dir, steps=o.class_image_steps,
+            class_sd, class_source = self.class_image_model(sd)
+            cls = class_images(class_sd, o.class_prompt, o.class_images, ctx.cache_dir, steps=o.class_image_steps,
                                resolution=ctx.resolution, ctx=ctx)
             class_latents = LatentCache.encode(sd.vae, cls.to(ctx.device, sd.vae.dtype))
         instances = LatentCache.encode(sd.vae, images.pixels.to(ctx.device, sd.vae.dtype))
@@ -95,7 +105,42 @@ class DreamBooth(AttackMethod):
         tail = losses[-max(1, len(losses) // 10):]
         return AttackResult(unet, text_encoder, summary={
             "train_steps": steps, "resumed_at_step": start or None, "first_loss": losses[0] if losses else None,
-            "final_loss_mean_last_10pct": sum(tail) / len(tail) if losses else None})
+            "final_loss_mean_last_10pct": sum(tail) / len(tail) if losses else None,
+            **({"class_images_model": class_source} if class_source else {})})
+
+    def class_image_model(self, sd):
+        """The model that samples the class images, and a record of which and why.
+
+        Class images come from the *unmodified* base model (attack.md §1; APDM's train_dreambooth.py samples
+        them from --pretrained_model_name_or_path before the immunized UNet is loaded). A model directory
+        cloak wrote (immunize, attack --save-model) names that base in its cloak_model.json.
+        """
+        from cloak.errors import CloakError, ModelUnavailableError
+
+        ctx, o = self.ctx, self.opts
+        if ctx.extras.get("class_dir"):  # the user's own class images: no model samples any
+            return sd, {"id": None, "why": "--class-dir: the user's class images"}
+        if o.class_model is not None:
+            return ctx.models.sd(o.class_model, role="class-images"), {"id": o.class_model, "why": "-o class_model"}
+        note_path, note = _base_note(Path(sd.path))
+        base = note.get("base")
+        if not base:
+            return sd, {"id": sd.id, "why": "the attacked model (it names no other base)"}
+        why = f"the base model named in {note_path} ({note.get('made_by', 'cloak')}), not the attacked model"
+        for candidate in [base] + ([note["base_path"]] if note.get("base_path") else []):
+            try:
+                base_sd = ctx.models.sd(candidate, role="class-images")
+            except CloakError:  # not cached / moved: try the recorded path next
+                continue
+            record = {"id": candidate, "why": why, "attacked_model": sd.id}
+            if note.get("base_digest") and base_sd.digest and note["base_digest"] != base_sd.digest:
+                record["base_digest_differs"] = True
+                ctx.warn(f"the class images come from {candidate}, whose content differs from the base "
+                         f"{note_path} was made from (digest {base_sd.digest[:12]} vs {note['base_digest'][:12]})")
+            return base_sd, record
+        raise ModelUnavailableError(f"{sd.id} names its base model {base!r} for the class images, and it cannot be "
+                                    "loaded", hint=f"cloak models pull {base}, or -o class_model=ID|DIR, or "
+                                                   "--class-dir DIR")
 
     def make_trainer(self, sd, unet, text_encoder, cfg: DreamBoothConfig, class_latents) -> DreamBoothTrainer:
         """The trainer of this attack (adapters: a subclass that trains only the adapter weights)."""
@@ -121,3 +166,28 @@ class DreamBooth(AttackMethod):
         unet, text_encoder = sd.trainable_copy()
         return self.train(images, sd, unet, text_encoder, self.config())
 
+
+
+def _read_note(path: Path) -> dict:
+    try:
+        note = json.loads((path / "cloak_model.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return note if isinstance(note, dict) else {}
+
+
+def _base_note(model_dir: Path) -> tuple[Path, dict]:
+    """The last cloak_model.json in the chain of bases from ``model_dir`` (a model fine-tuned from an immunized
+    model names the immunized one, which names the unmodified base), and its path; ``{}`` when none names one."""
+    found: tuple[Path, dict] = (model_dir / "cloak_model.json", {})
+    current = model_dir
+    for _ in range(MAX_BASE_HOPS):
+        note = _read_note(current)
+        if not note.get("base"):
+            break
+        found = (current / "cloak_model.json", note)
+        nxt = Path(str(note["base"])).expanduser()
+        if not (nxt.is_dir() and (nxt / "cloak_model.json").is_file()) or nxt.resolve() == current.resolve():
+            break
+        current = nxt
+    return found

@@ -30,7 +30,10 @@ def save_model_dir(sd, unet, text_encoder, target: Path, *, note: dict) -> Path:
 def run_attack(input_dir, output_dir, *, ref: str | None = None, prompts: list[str] | None = None,
                num_images: int | None = None, sample_steps: int | None = None, guidance: float | None = None,
                negative_prompt: str | None = None, sampler: str | None = None, save_model: str | None = None,
-               steps: int | None = None, common: Common | None = None, **kwargs) -> Report:
+               steps: int | None = None, preset: str | None = None, common: Common | None = None,
+               **kwargs) -> Report:
+    """``preset``: a paper's attack settings by name (cloak.attack.presets); explicit values override it."""
+    import dataclasses
     import shutil
 
     from cloak.attack import ATTACK
@@ -39,9 +42,29 @@ def run_attack(input_dir, output_dir, *, ref: str | None = None, prompts: list[s
     from cloak.diffusion.sampling import SAMPLERS, build_pipeline, generate, slug
     from cloak.io.images import read_images, write_png
 
+    chosen = None
+    if preset is not None:
+        from cloak.attack.presets import get_preset
+
+        chosen = get_preset(preset)
+        common = common or Common(**kwargs)
+        # The preset's method and base model rank as given on this command line (above cloak.toml);
+        # --method / --model given explicitly win.
+        given = {"method": common.method, "model": common.model}
+        common = dataclasses.replace(common, method=common.method or chosen.method,
+                                     model=common.model or chosen.model)
     run, input_dir, output_dir = image_run("attack", ATTACK, input_dir, output_dir, common, kwargs,
                                            default_method="dreambooth")
     common = run.common
+    preset_layers: list[tuple[str, dict]] = []
+    if chosen is not None:
+        from cloak.attack.presets import preset_layer
+
+        for key in ("method", "model"):
+            if given[key] is None:
+                run.params[key]["source"] = f"preset {chosen.name}"
+        run.params["preset"] = {"value": chosen.name, "source": "flag"}
+        preset_layers = [(f"preset {chosen.name}", preset_layer(chosen, run.method_cls.Options, run.method_name))]
     flags: dict[str, Any] = {k: v for k, v in dict(prompts=prompts, num_images=num_images, sample_steps=sample_steps,
                                                    guidance=guidance, negative_prompt=negative_prompt,
                                                    sampler=sampler).items() if v is not None}
@@ -49,7 +72,7 @@ def run_attack(input_dir, output_dir, *, ref: str | None = None, prompts: list[s
         if run.method_cls.steps_option is None:
             raise UsageError(f"--steps: attack {run.method_name} trains nothing (zero-shot)")
         flags[run.method_cls.steps_option] = steps
-    opts, opts_record = run.options([("flag", flags)])
+    opts, opts_record = run.options(preset_layers + [("flag", flags)])
     if getattr(opts, "sampler", "default") not in SAMPLERS:
         raise UsageError(f"unknown sampler {opts.sampler!r}; valid: {', '.join(SAMPLERS)}")
     if save_model and not run.method_cls.fine_tunes:
@@ -83,6 +106,15 @@ def run_attack(input_dir, output_dir, *, ref: str | None = None, prompts: list[s
     clock = Stopwatch()
     result = method(images)
     summary: dict[str, Any] = {"train_seconds": clock.seconds(), **result.summary}
+    if chosen is not None:
+        source = f"preset {chosen.name}"
+        summary["preset"] = {
+            "name": chosen.name, "source": chosen.source, "method": chosen.method, "model": chosen.model,
+            "options": chosen.options,
+            # What the command line changed: the method/model given explicitly and options from flags or -o.
+            "overridden": sorted([k for k in ("method", "model") if given[k] not in (None, getattr(chosen, k))]
+                                 + [k for k in chosen.options if opts_record.get(k, {}).get("source") != source]),
+            **({"notes": chosen.notes} if chosen.notes else {})}
     sd = ctx.models.sd(ctx.model, role="base")
     if ref is not None:
         clean = read_images(ref, resolution)

@@ -17,6 +17,10 @@ Writes OUTPUT/gen/<prompt>/<seed>.png and OUTPUT/report.json. Score the result w
 denoising loss on the clean photos (fixed draws): higher means the protection worked.
 Training writes a checkpoint to OUTPUT/.checkpoint every few hundred steps; --resume continues from it.
 Zero-shot methods (ipadapter) generate once per reference image: OUTPUT/gen/<image>/<prompt>/<seed>.png.
+--preset NAME applies a paper's attack settings (method, base model, training and sampling options):
+antidreambooth, apdm, diffshortcut; --method, --model, the flags and -o override it, and the report
+records the preset and what was overridden. A model directory written by `cloak immunize` names its
+base model: class images for prior preservation come from that base, as in APDM's evaluation.
 Training reads square working copies (short side resized to the model's resolution, centre crop), as
 an attacker's DreamBooth script does; photos of any size and aspect can be given.
 """
@@ -28,6 +32,10 @@ EPILOG = """Examples:
   cloak attack --prompt 'a photo of sks person' --num-images 4 protected/ attacked/
 
   cloak attack --model ./immunized-model photos/ attacked/ --save-model ./personalized
+
+  cloak attack --preset apdm --model ./immunized-model photos/ attacked/      (APDM's evaluation)
+
+  cloak attack --preset antidreambooth protected/ attacked/ --ref photos/    (Anti-DreamBooth's)
 
   cloak purify --method diffshortcut protected/ purified/ && cloak attack --method diffshortcut purified/ attacked/
 """
@@ -51,6 +59,9 @@ def register(app: typer.Typer) -> None:
         sampler: Annotated[Optional[str], typer.Option("--sampler", help="default, ddim, pndm, dpm, euler, "
                                                        "ddpm.")] = None,
         steps: Annotated[Optional[int], typer.Option("--steps", help="Training steps.")] = None,
+        preset: Annotated[Optional[str], typer.Option("--preset", metavar="antidreambooth|apdm|diffshortcut",
+                                                      help="A paper's attack settings; explicit flags and -o "
+                                                           "override them.")] = None,
         save_model: Annotated[Optional[Path], typer.Option("--save-model", help="Keep the fine-tuned model "
                                                            "(a diffusers directory; lora: the adapter file).")] = None,
         model: O.ModelOpt = None,
@@ -81,6 +92,6 @@ def register(app: typer.Typer) -> None:
                    verbose=verbose, jsonl=jsonl)
         execute(c, lambda: run_attack(input_dir, output_dir, ref=str(ref) if ref else None, prompts=prompt or None,
                                       num_images=num_images, sample_steps=sample_steps, guidance=guidance,
-                                      negative_prompt=negative_prompt, sampler=sampler, steps=steps,
+                                      negative_prompt=negative_prompt, sampler=sampler, steps=steps, preset=preset,
                                       save_model=str(save_model) if save_model else None, common=c),
                 output_dir / "gen", as_json=as_json, jsonl=jsonl, quiet=quiet, run_dir=output_dir)

@@ -41,7 +41,7 @@ EPILOG = """Examples:
 
   cloak immunize --resume photos/ immunized-model/              (continue after an interruption)
 
-  cloak attack --model immunized-model/ photos/ attacked/ --ref photos/
+  cloak attack --preset apdm --model immunized-model/ photos/ attacked/ --ref photos/   (APDM's evaluation)
 
   cloak immunize --tiny --effort 0.01 photos/ /tmp/preview     (seconds; random model, protects nothing)
 """
@@ -86,6 +86,11 @@ def register(app: typer.Typer) -> None:
         c = common(method=method, model=model, tiny=tiny, effort=effort, resolution=resolution, seed=seed,
                    device=device, dtype=dtype, option=option, force=force, resume=resume, compat=compat,
                    config=config, cache_dir=cache_dir, class_dir=class_dir, quiet=quiet, verbose=verbose, jsonl=jsonl)
-        execute(c, lambda: run_immunize(input_dir, output_dir, safe=str(safe) if safe else None,
-                                        checkpoint_every=checkpoint_every, common=c),
-                output_dir, as_json=as_json, jsonl=jsonl, quiet=quiet)
+        report = execute(c, lambda: run_immunize(input_dir, output_dir, safe=str(safe) if safe else None,
+                                                 checkpoint_every=checkpoint_every, common=c),
+                         output_dir, as_json=as_json, jsonl=jsonl, quiet=quiet)
+        command = report.summary.get("attack_command")
+        if command and not quiet:  # stderr: stdout keeps only the model directory's path (or the report)
+            from cloak.cli import _output
+
+            _output.note(f"attack it as the paper's evaluation does (class images from the base model): {command}")

@@ -32,6 +32,11 @@ With --per-subdir, GENERATED and --ref are roots: each GENERATED/<name>/ (or <na
 `cloak attack` writes it) is scored against REF/<name>/, and the table (and the gates) use the mean
 over subjects of each subject's mean. Metric options: -o METRIC.KEY=VALUE (e.g. -o ism.backend=dlib);
 `cloak methods show METRIC` lists them.
+
+ISM is a cosine on its backend's own scale, and ISM gate thresholds (e.g. 'ism>0.35') are on ArcFace's
+(the default retinaface backend): under -o ism.backend=dlib different people already score 0.7-0.9,
+and a warning says so. idmatch is the verdict that means the same on every backend: the fraction of
+generations that the backend's own published same-person threshold verifies as the subject.
 """
 
 EPILOG = """Examples:
@@ -44,7 +49,11 @@ EPILOG = """Examples:
 
   cloak score protected_crops/ --ref photos/ --metric psnr --align crop       (--fit crop outputs)
 
-  cloak score gen/ --ref photos/ --metric fdfr,ism -o fdfr.backend=dlib -o ism.backend=dlib   (no GPU, no hub)
+  cloak score attacked/gen --ref photos/ --metric idmatch --fail-if 'idmatch>0.5'
+      (ArcFace IR-SE50: verified when the squared distance to the subject's mean embedding is < 1.54)
+
+  cloak score gen/ --ref photos/ --metric fdfr,idmatch -o fdfr.backend=dlib -o idmatch.backend=dlib
+      --fail-if 'idmatch>0.5'          (no GPU, no hub; dlib: verified at distance < 0.6)
 
   cloak score attacks/ --ref photos/ --per-subdir --metric ism,serfiq,brisque --sheet sheet.png
 

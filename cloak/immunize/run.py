@@ -121,11 +121,19 @@ def run_immunize(input_dir, output_dir, *, safe: str | None = None, checkpoint_e
         run.add_item({"input": str(item.path), "status": "ok", "role": "subject",
                       "paired_safe": result.safe_paths[i] if i < len(result.safe_paths) else None})
     run.add_item({"output": str(output_dir), "status": "ok", "role": "model", "seconds": seconds})
+    from cloak.attack.presets import IMMUNIZE_PRESET, attack_command
+
     summary = {**result.summary, "model_dir": str(output_dir), "checkpoint_every": every,
                "changed_components": ["unet"]}
+    preset = IMMUNIZE_PRESET.get(run.method_name)
+    if preset is not None:  # the paper's own evaluation of this model (the CLI prints it on stderr)
+        summary["attack_command"] = attack_command(preset, output_dir, input_dir)
     report = run.report(opts_record, summary)
+    # The base is named so that `cloak attack --model OUTPUT` samples its class images from the unmodified
+    # base, as APDM's evaluation does (train_dreambooth.py generates them before the immunized UNet is loaded).
     note = {"made_by": f"cloak immunize {run.method_name}", "base": sd.id, "base_path": str(sd.path),
-            "stand_in": sd.stand_in, "changed_components": ["unet"]}
+            "base_digest": sd.digest, "stand_in": sd.stand_in, "changed_components": ["unet"],
+            **({"attack_preset": preset} if preset else {})}
     write_model_dir(sd, result.unet, output_dir, note=note, report=report)
     checkpoints.discard()
     return report

@@ -93,17 +93,18 @@ class DlibFaceAnalyzer:
         shape = self._shape(img, rect)
         return np.array([[shape.part(i).x, shape.part(i).y] for i in range(shape.num_parts)], np.float64), source
 
-    def _descriptor(self, img: np.ndarray, rect) -> np.ndarray:
+    def _descriptor(self, img: np.ndarray, rect, normalize: bool = True) -> np.ndarray:
         shape = self._shape(img, rect)
         vec = np.asarray(self._net.compute_face_descriptor(img, shape), dtype=np.float32)
-        return vec / (np.linalg.norm(vec) + 1e-12)
+        return vec / (np.linalg.norm(vec) + 1e-12) if normalize else vec
 
-    def embed_largest(self, rgb: np.ndarray) -> np.ndarray | None:
-        """ℓ2-normalised descriptor of the largest face, or None when no face is found."""
+    def embed_largest(self, rgb: np.ndarray, normalize: bool = True) -> np.ndarray | None:
+        """Descriptor of the largest face (ℓ2-normalised; ``normalize=False``: dlib's raw descriptor, whose
+        Euclidean distances dlib's 0.6 same-person threshold is defined on), or None when no face is found."""
         faces = self.detect(rgb)
         if not faces:
             return None
-        return self._descriptor(np.ascontiguousarray(rgb, dtype=np.uint8), faces[0]._rect)
+        return self._descriptor(np.ascontiguousarray(rgb, dtype=np.uint8), faces[0]._rect, normalize)
 
     def embed_whole(self, rgb: np.ndarray) -> np.ndarray:
         """Descriptor with the whole image taken as the face box (deepface's ``enforce_detection=False``)."""

@@ -107,17 +107,19 @@ class FaceAnalyzer:
         return warp_and_crop_face(rgb, face.landmarks, reference, crop_size=(112, 112))
 
     @torch.no_grad()
-    def embed_aligned(self, faces_112: list[np.ndarray]) -> np.ndarray:
-        """ArcFace embeddings (N×512, ℓ2-normalised) of aligned 112² RGB crops."""
+    def embed_aligned(self, faces_112: list[np.ndarray], normalize: bool = True) -> np.ndarray:
+        """ArcFace embeddings (N×512, ℓ2-normalised unless ``normalize=False``) of aligned 112² RGB crops.
+
+        facexlib's IR-SE50 ends in its own ℓ2 normalisation, so its raw output is already (nearly) unit length."""
         if not faces_112:
             return np.zeros((0, 512), dtype=np.float32)
         # contiguous NCHW: facexlib's Flatten uses .view, which fails on channels-last strides
         batch = torch.from_numpy(np.stack(faces_112)).permute(0, 3, 1, 2).contiguous().float().div(127.5).sub(1.0)
-        out = self.embedder(batch.to(self.device))
-        return F.normalize(out.float(), dim=1).cpu().numpy()
+        out = self.embedder(batch.to(self.device)).float()
+        return (F.normalize(out, dim=1) if normalize else out).cpu().numpy()
 
-    def embed_largest(self, rgb: np.ndarray) -> np.ndarray | None:
+    def embed_largest(self, rgb: np.ndarray, normalize: bool = True) -> np.ndarray | None:
         faces = self.detect(rgb)
         if not faces:
             return None
-        return self.embed_aligned([self.align(rgb, faces[0])])[0]
+        return self.embed_aligned([self.align(rgb, faces[0])], normalize)[0]

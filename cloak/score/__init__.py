@@ -9,6 +9,8 @@ SCORE.register_lazy("linf", "cloak.score.fullref:Linf", "largest absolute pixel 
 SCORE.register_lazy("lpips", "cloak.score.perceptual:Lpips", "LPIPS perceptual distance to the same-named reference")
 SCORE.register_lazy("fdfr", "cloak.score.faces:Fdfr", "face detection failure rate (RetinaFace or dlib)")
 SCORE.register_lazy("ism", "cloak.score.faces:Ism", "identity score: face embedding cosine to the clean mean")
+SCORE.register_lazy("idmatch", "cloak.score.faces:IdMatch", "fraction of generations the backend's own same-person "
+                    "threshold verifies as the subject")
 SCORE.register_lazy("serfiq", "cloak.score.serfiq:SerFiq", "SER-FIQ face image quality (MTCNN + ArcFace dropout head)")
 SCORE.register_lazy("ims", "cloak.score.ims:Ims", "DiffShortcut identity score 0.7·IMS_IP + 0.3·IMS_VGG")
 SCORE.register_lazy("brisque", "cloak.score.quality:Brisque", "BRISQUE no-reference quality (lower = better)")

@@ -190,6 +190,9 @@ def score_run(generated_dir, *, ref: str | None, metrics: list[str] | None, fail
         layers = [("config", run.cfg.method("score", name)), ("-o", per_metric.get(name, {}))]
         opts, options_record[name] = build_options(cls.Options, layers, name)
         instances[name] = cls(opts, ctx)
+    for text in gate_scale_warnings(gates, instances):
+        run.warnings.append(text)
+        logging.getLogger("cloak").warning(text)
 
     ref_root = Path(ref) if ref is not None else None
     if ref is not None:
@@ -282,6 +285,25 @@ def score_run(generated_dir, *, ref: str | None, metrics: list[str] | None, fail
         exc.report = report
         raise exc
     return report
+
+
+# The backend whose cosine scale ISM gate thresholds (e.g. 'ism>0.35', the papers' ArcFace numbers) are written on.
+ISM_GATE_BACKEND = "retinaface"
+
+
+def gate_scale_warnings(gates, instances: dict) -> list[str]:
+    """A warning for each gate on ism computed with another backend than the one ISM thresholds come from:
+    dlib's descriptors put different people at cosine 0.71–0.93 (91 LFW faces), so 'ism>0.35' under
+    ism.backend=dlib fails for any face at all."""
+    ism = instances.get("ism")
+    backend = getattr(getattr(ism, "opts", None), "backend", ISM_GATE_BACKEND)
+    if ism is None or backend == ISM_GATE_BACKEND:
+        return []
+    return [f"gate {gate.text!r} reads ism computed with ism.backend={backend}, but ISM thresholds are on the "
+            f"{ISM_GATE_BACKEND} (ArcFace) cosine scale; on {backend}'s scale different people already score "
+            f"high (dlib: cosine 0.71–0.93). For a verdict that holds on every backend gate on idmatch instead "
+            f"(--metric idmatch -o idmatch.backend={backend} --fail-if 'idmatch>0.5')"
+            for gate in gates if "ism" in gate.metrics()]
 
 
 def _merge_extras(per_subject: list[dict[str, Any]]) -> dict[str, Any]:
