@@ -374,7 +374,7 @@ def check_methods(plan: Plan, problems: list[str]) -> None:
                 problems.append(f"grid.protect: {entry.label!r}: fit = {entry.flags['fit']!r}; valid: keep, crop, resize")
     for metric in plan.metrics:
         if metric.name not in SCORE:
-            problems.append(f"grid.score: {SCORE.unknown_message(metric.name).replace('method', 'metric')}")
+            problems.append(f"grid.score: {SCORE.unknown_message(metric.name).replace('metric method', 'metric')}")
             continue
         cls = SCORE.get(metric.name)
         try:
