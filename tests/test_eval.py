@@ -34,7 +34,6 @@ attack = ["dreambooth"]
 score = ["fdfr", "brisque"]
 [common]
 tiny = true
-resolution = 32
 [attack]
 steps = 1
 num_images = 1
@@ -46,8 +45,8 @@ class_images = 0
 
 def make_identities(root: Path) -> None:
     for i, name in enumerate(["alice", "bob"]):
-        write_images(root / "ids" / name / "protect", n=1, size=(32, 32), seed=10 * i)
-        write_images(root / "ids" / name / "ref", n=1, size=(32, 32), seed=10 * i + 1)
+        write_images(root / "ids" / name / "protect", n=1, size=(64, 64), seed=10 * i)
+        write_images(root / "ids" / name / "ref", n=1, size=(64, 64), seed=10 * i + 1)
 
 
 def tree_bytes(folder: Path) -> dict[str, bytes]:
@@ -126,11 +125,11 @@ def test_numbers_equal_the_verbs_by_hand(env, tmp_path):
     import cloak
 
     ids, cell = env["root"] / "ids" / "alice", env["out"] / "cells" / CELL[0]
-    cloak.protect(ids / "protect", tmp_path / "p", method="photoguard", tiny=True, resolution=32, seed=0,
+    cloak.protect(ids / "protect", tmp_path / "p", method="photoguard", tiny=True, seed=0,
                   options={"steps": "1"})
-    cloak.purify(tmp_path / "p", tmp_path / "q", method="jpeg", tiny=True, resolution=32, seed=0,
+    cloak.purify(tmp_path / "p", tmp_path / "q", method="jpeg", tiny=True, seed=0,
                  options={"quality": "75"})
-    cloak.attack(tmp_path / "q", tmp_path / "a", method="dreambooth", tiny=True, resolution=32, seed=0, steps=1,
+    cloak.attack(tmp_path / "q", tmp_path / "a", method="dreambooth", tiny=True, seed=0, steps=1,
                  num_images=1, sample_steps=1, prompts=["a photo of sks person"], options={"class_images": "0"})
     report = cloak.score(tmp_path / "a" / "gen", ref=ids / "ref", metrics=["fdfr", "brisque"], tiny=True, seed=0)
     for mine, theirs in ((tmp_path / "p", cell / "alice" / "protect"),
@@ -255,7 +254,7 @@ def test_ray_missing_is_exit_2_naming_the_extra(tmp_path, monkeypatch):
 
 
 def test_failing_cell_is_recorded_and_exit_5(tmp_path):
-    write_images(tmp_path / "ids" / "good" / "protect", n=1, size=(32, 32))
+    write_images(tmp_path / "ids" / "good" / "protect", n=1, size=(64, 64))
     (tmp_path / "ids" / "broken" / "protect").mkdir(parents=True)
     (tmp_path / "ids" / "broken" / "protect" / "x.png").write_bytes(b"not a png")
     text = PLAN.replace('["none", "photoguard:steps=1"]', '["photoguard:steps=1"]') \

@@ -299,8 +299,11 @@ def load_plan(path: str | Path) -> Plan:
     for key, value in tables["score"].items():
         if isinstance(value, dict):
             score_defaults[key.lower()] = value
-        else:
+        elif key == "align" and value in ("none", "resize", "crop"):
             score_options[key] = value
+        else:
+            problems.append(f"score.{key} = {value!r}: [score] holds metric tables (ism = {{ backend = \"dlib\" }}) "
+                            "and align = \"none\" | \"resize\" | \"crop\"")
     raw_metrics = grid.get("score")
     if not isinstance(raw_metrics, list) or not raw_metrics:
         problems.append("grid.score must be a non-empty list of metrics, e.g. score = [\"fdfr\", \"ism\"]")
