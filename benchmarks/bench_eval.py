@@ -89,14 +89,16 @@ def main() -> None:
     plan.write_text(PLAN)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
            "HF_HUB_OFFLINE": "1",
-           "CLOAK_CACHE_DIR": os.environ.get("CLOAK_CACHE_DIR") or str(Path(tempfile.gettempdir()) / "cloak-bench-cache")}
+           "CLOAK_CACHE_DIR": os.environ.get("CLOAK_CACHE_DIR") or
+           str(Path(tempfile.gettempdir()) / "cloak-bench-cache")}
     cloak = [sys.executable, "-m", "cloak"]
-    print(f"warm-up (builds the stand-in weights): {timed(cloak + ['eval', '-q', str(plan), str(work / 'warm')], env):.1f} s",
-          file=sys.stderr)
+    warm = timed(cloak + ["eval", "-q", str(plan), str(work / "warm")], env)
+    print(f"warm-up (builds the stand-in weights): {warm:.1f} s", file=sys.stderr)
     rows = {"local": timed(cloak + ["eval", "-q", str(plan), str(work / "local")], env)}
     script = work / "loop.sh"
     lines = cli_lines(plan, work / "shell")
-    script.write_text("set -e\n" + "\n".join(shlex.join([sys.executable, "-m", "cloak", *a[1:]]) for a in lines) + "\n")
+    commands = [shlex.join([sys.executable, "-m", "cloak", *a[1:]]) for a in lines]
+    script.write_text("set -e\n" + "\n".join(commands) + "\n")
     rows["shell"] = timed(["bash", str(script)], env)
     if not args.skip_ray:
         for n in (1, 2):

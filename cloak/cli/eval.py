@@ -33,7 +33,7 @@ listed. A failing cell is recorded with its error and the others go on: exit 5 i
 EPILOG = """A plan:
 
   [data]
-  identities = "celeb/*"        # folders, relative to the plan; clean = "set_A", protect = "set_B", ref = "set_C" rename
+  identities = "celeb/*"        # relative to the plan; clean = "set_A", protect = "set_B", ref = "set_C" rename
   [grid]
   protect = ["none", "aspl", "cap:host=aspl", { method = "mist", eps = 8, unit = "255" }]
   purify  = ["none", "jpeg:quality=75"]
@@ -78,8 +78,7 @@ def register(app: typer.Typer) -> None:
         quiet: O.QuietOpt = False,
         verbose: O.VerboseOpt = 0,
     ) -> None:
-        from cloak.cli import _output
-        from cloak.cli import _run
+        from cloak.cli import _output, _run
         from cloak.errors import CloakError, UsageError
         from cloak.eval import run_eval
 

@@ -72,7 +72,7 @@ class Tracker:
     def cell_record(self, cell: Cell) -> dict[str, Any]:
         from cloak.eval.results import cell_scores
 
-        records = [self.records.get(k) or read_marker(self.steps[k]) or {} for k in cell.steps]
+        records = [self.records.get(k) or self._on_disk(self.steps[k]) for k in cell.steps]
         failed = next((r for r in records if r.get("status") in ("failed", "blocked")), None)
         status = "ok" if all(r.get("status") == "ok" for r in records) else ("failed" if failed else "pending")
         out: dict[str, Any] = {
@@ -89,6 +89,12 @@ class Tracker:
         if status == "ok":
             out["scores"], out["backends"] = cell_scores(self.steps[cell.steps[-1]].dir)
         return out
+
+    @staticmethod
+    def _on_disk(step: Step) -> dict[str, Any]:
+        """A step this run did not reach: its record if it was made with the key the plan now gives it."""
+        marker = read_marker(step) or {}
+        return marker if marker.get("key") == step.key and marker.get("status") != "running" else {}
 
     def _cell_done(self, cell: Cell) -> None:
         record = self.cell_record(cell)
@@ -121,7 +127,8 @@ def _fmt(value: Any) -> str:
 def describe_plan(plan: Plan, steps: dict[str, Step], cells: list[Cell]) -> str:
     """``--dry-run``: the grid, every step with its state, and the work left in model passes."""
     lines = [f"plan {plan.path}: {len(plan.identities)} identities × {len(plan.protect)} protect × "
-             f"{len(plan.purify)} purify × {len(plan.attack)} attack × {len(plan.seeds)} seed(s) = {len(cells)} cells, "
+             f"{len(plan.purify)} purify × {len(plan.attack)} attack × {len(plan.seeds)} seed(s) = "
+             f"{len(cells)} cells, "
              f"scored by {', '.join(m.label for m in plan.metrics)}",
              f"{len(steps)} distinct steps (cells share their upstream steps):"]
     todo = 0.0

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cloak.eval.plan import NONE, Entry, Identity, Plan
+from cloak.eval.plan import Entry, Identity, Plan
 
 MARKER_SUFFIX = ".step.json"
 ORDER = ("protect", "purify", "attack", "score")

@@ -166,7 +166,8 @@ def parse_metric(raw: Any, defaults: dict[str, Any], problems: list[str]) -> Met
                 problems.append(f"grid.score: {raw!r}: options are metric:key=value,key=value")
                 return None
             options[key.strip()] = value.strip()
-        return Metric(name.strip().lower(), name.strip().lower(), {**defaults.get(name.strip().lower(), {}), **options})
+        name = name.strip().lower()
+        return Metric(name, name, {**defaults.get(name, {}), **options})
     if isinstance(raw, dict) and isinstance(raw.get("metric"), str):
         options = {k: v for k, v in raw.items() if k not in ("metric", "label")}
         name = raw["metric"].lower()
@@ -211,7 +212,8 @@ def _identities(data: dict, base: Path, problems: list[str]) -> list[Identity]:
         for root in matches:
             protect = root / names["protect"]
             if not protect.is_dir():
-                problems.append(f"identity {root.name}: no {names['protect']}/ folder in {root} (the photos to protect)")
+                problems.append(f"identity {root.name}: no {names['protect']}/ folder in {root} "
+                                "(the photos to protect)")
                 continue
             clean = root / names["clean"] if (root / names["clean"]).is_dir() else None
             ref = root / names["ref"] if (root / names["ref"]).is_dir() else clean
@@ -374,7 +376,8 @@ def check_methods(plan: Plan, problems: list[str]) -> None:
             except CloakError as exc:
                 problems.append(f"grid.{verb}: {entry.label!r}: {exc}")
             if verb == "protect" and "fit" in entry.flags and entry.flags["fit"] not in ("keep", "crop", "resize"):
-                problems.append(f"grid.protect: {entry.label!r}: fit = {entry.flags['fit']!r}; valid: keep, crop, resize")
+                problems.append(f"grid.protect: {entry.label!r}: fit = {entry.flags['fit']!r}; "
+                                "valid: keep, crop, resize")
     for metric in plan.metrics:
         if metric.name not in SCORE:
             problems.append(f"grid.score: {SCORE.unknown_message(metric.name).replace('metric method', 'metric')}")

@@ -30,15 +30,37 @@ def cell_scores(score_dir: Path) -> tuple[dict[str, float | None], dict[str, str
     return scores, backends
 
 
+# A metric's ``lower_better`` is the protection's direction for the identity metrics (a lower ISM: the
+# attacker's images look less like the person) and the image-quality direction for the quality metrics
+# (a lower BRISQUE: a better image, hence a weaker protection). The table needs the protection's.
+IDENTITY_METRICS = {"fdfr", "ism", "ims"}
+QUALITY_METRICS = {"brisque", "niqe", "serfiq", "liqe", "clipiqa", "clipiqa-c"}
+
+
+def protects_lower(name: str, lower_better: bool) -> bool | None:
+    """True: a lower value means a stronger protection; None: the metric says nothing about protection
+    (full-reference distances: generated images are not pixel copies of the reference)."""
+    if name in IDENTITY_METRICS:
+        return lower_better
+    if name in QUALITY_METRICS:
+        return not lower_better
+    return None
+
+
 def metric_info(plan: Plan) -> dict[str, dict[str, Any]]:
     from cloak.score import SCORE
 
     info = {}
     for m in plan.metrics:
         cls = SCORE.get(m.name)
-        info[m.name] = {"lower_better": bool(cls.lower_better), "range": list(cls.range), "label": m.label,
-                        "options": m.options}
+        info[m.name] = {"lower_better": bool(cls.lower_better),
+                        "protects_lower": protects_lower(m.name, cls.lower_better), "range": list(cls.range),
+                        "label": m.label, "options": m.options}
     return info
+
+
+def _arrow(info: dict[str, Any]) -> str:
+    return {True: "↓", False: "↑", None: ""}[info["protects_lower"]]
 
 
 def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
@@ -76,9 +98,9 @@ def backends(cells: list[dict[str, Any]]) -> dict[str, str | None]:
     return {m: ", ".join(sorted(b)) for m, b in found.items()}
 
 
-def _best(rows: list[dict[str, Any]], lower_better: bool) -> set[int]:
+def _best(rows: list[dict[str, Any]], lower_better: bool | None) -> set[int]:
     defined = [(i, r["mean"]) for i, r in enumerate(rows) if r["mean"] is not None]
-    if not defined:
+    if not defined or lower_better is None:
         return set()
     target = (min if lower_better else max)(v for _, v in defined)
     return {i for i, v in defined if v == target}
@@ -87,19 +109,20 @@ def _best(rows: list[dict[str, Any]], lower_better: bool) -> set[int]:
 def markdown(plan: Plan, table: list[dict[str, Any]], info: dict[str, dict], names: dict[str, str | None],
              n_identities: int) -> str:
     """The paper's table: one per attack; rows protect × purify; mean ± std over identities; the best value
-    for the protection in each column in bold (↑: higher protects better, ↓: lower does)."""
+    for the protection in each column in bold (↑: higher protects better, ↓: lower does; no arrow: the
+    metric does not measure protection, nothing marked)."""
     out = []
     for a in plan.attack:
         rows_a = [r for r in table if r["attack"] == a.label]
         header = ["protect", "purify"]
         for m in plan.metrics:
-            arrow = "↓" if info[m.name]["lower_better"] else "↑"
             backend = names.get(m.name)
-            header.append(f"{m.label.upper()} {arrow}" + (f" ({backend})" if backend else ""))
+            header.append(f"{m.label.upper()} {_arrow(info[m.name])}".strip() + (f" ({backend})" if backend else ""))
         lines = [f"attack **{a.label}** · mean ± std over {n_identities} identit{'y' if n_identities == 1 else 'ies'}"
                  f"{f' × {len(plan.seeds)} seeds' if len(plan.seeds) > 1 else ''}",
-                 "", "| " + " | ".join(header) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * len(plan.metrics)) + "|"]
-        best = {m.name: _best([r for r in rows_a if r["metric"] == m.name], info[m.name]["lower_better"])
+                 "", "| " + " | ".join(header) + " |",
+                 "|" + "|".join(["---"] * 2 + ["---:"] * len(plan.metrics)) + "|"]
+        best = {m.name: _best([r for r in rows_a if r["metric"] == m.name], info[m.name]["protects_lower"])
                 for m in plan.metrics}
         k = 0
         for p in plan.protect:
@@ -168,8 +191,7 @@ def chart(path: Path, plan: Plan, table: list[dict[str, Any]], info: dict[str, d
                 ax.bar(xs, ys, width, yerr=es, capsize=2, label=f"purify {q.label}", color=colours(k % 10))
             ax.set_xticks(range(len(plan.protect)), [p.label for p in plan.protect], rotation=20, ha="right",
                           fontsize=8)
-            arrow = "↓" if info[m.name]["lower_better"] else "↑"
-            ax.set_title(f"{m.label.upper()} {arrow} · {a.label}", fontsize=9)
+            ax.set_title(f"{m.label.upper()} {_arrow(info[m.name])} · {a.label}", fontsize=9)
             ax.tick_params(axis="y", labelsize=8)
     axes[0][-1].legend(fontsize=7, loc="best")
     fig.suptitle("protection (bars) × purification (colours); ↑/↓: the direction that protects", fontsize=9)
@@ -192,8 +214,8 @@ def _chart_pil(path: Path, plan: Plan, table: list[dict[str, Any]], info: dict[s
             x0, y0 = j * pw, i * ph
             rows_m = [r for r in table if r["attack"] == a.label and r["metric"] == m.name and r["mean"] is not None]
             top = max([abs(r["mean"]) + (r["std"] or 0) for r in rows_m] or [1.0]) or 1.0
-            arrow = "lower" if info[m.name]["lower_better"] else "higher"
-            draw.text((x0 + 5, y0 + 3), f"{m.label.upper()} ({arrow} protects) {a.label}", fill="black")
+            arrow = {True: " (lower protects)", False: " (higher protects)", None: ""}[info[m.name]["protects_lower"]]
+            draw.text((x0 + 5, y0 + 3), f"{m.label.upper()}{arrow} {a.label}", fill="black")
             slot = (pw - 2 * pad) / max(1, len(plan.protect))
             bar = slot * 0.8 / max(1, len(plan.purify))
             base = y0 + ph - pad
