@@ -30,28 +30,31 @@ A bad plan (unknown method, bad option, missing folder) is exit 2 before any wor
 listed. A failing cell is recorded with its error and the others go on: exit 5 if any failed.
 """
 
-EPILOG = """A plan:
+EPILOG = """A plan (identity folders relative to the plan; each holds protect/, clean/, ref/,
+renamed by clean = "set_A", protect = "set_B", ref = "set_C" under [data]):
 
   [data]
-  identities = "celeb/*"        # relative to the plan; clean = "set_A", protect = "set_B", ref = "set_C" rename
+  identities = "celeb/*"
   [grid]
-  protect = ["none", "aspl", "cap:host=aspl", { method = "mist", eps = 8, unit = "255" }]
+  protect = ["none", "aspl", "cap:host=aspl", { method = "mist", eps = "8/255" }]
   purify  = ["none", "jpeg:quality=75"]
   attack  = ["dreambooth"]
   score   = ["fdfr", "ism"]
   seeds   = [0]
   [common]
-  model = "sd21-base"           # also tiny, effort, resolution, device, dtype
+  model = "sd21-base"     # also tiny, effort, resolution, device, dtype
   [attack]
-  num_images = 4                # values every attack entry starts from ([protect], [purify] alike)
+  num_images = 4          # what every attack entry starts from
 
 Examples:
 
-  cloak eval plan.toml results/ --dry-run       (the cells, what is cached, the work left)
+  cloak eval plan.toml results/ --dry-run     (cells, cache, work left)
 
-  cloak eval plan.toml results/                 (run; again to resume)
+  cloak eval plan.toml results/               (run; run again to resume)
 
-  cloak eval plan.toml results/ --executor ray --ray-address auto   (a Ray cluster; pip install 'cloak[cluster]')
+  cloak eval plan.toml results/ --executor ray --ray-address auto
+
+  (Ray: pip install 'cloak[cluster]'. Plans in full: docs/eval.md)
 """
 
 
@@ -74,7 +77,8 @@ def register(app: typer.Typer) -> None:
                                             rich_help_panel="Output")] = False,
         resume: Annotated[bool, typer.Option("--resume", help="Keep finished steps (the default; accepted for "
                                              "symmetry with the other verbs).", rich_help_panel="Output")] = False,
-        jsonl: O.JsonlOpt = False,
+        jsonl: Annotated[bool, typer.Option("--jsonl", help="Print one JSON record per cell on stdout as it "
+                                            "finishes (instead of the table).", rich_help_panel="Output")] = False,
         quiet: O.QuietOpt = False,
         verbose: O.VerboseOpt = 0,
     ) -> None:

@@ -269,10 +269,14 @@ def contact_sheets(out: Path, plan: Plan, cells: list[dict[str, Any]]) -> list[s
             for k, picture in enumerate(pictures):
                 if picture is None:
                     continue
-                with Image.open(picture) as im:
-                    im = im.convert("RGB")
-                    im.thumbnail((thumb - 2, thumb - 2))
-                    sheet.paste(im, (label_w + k * thumb + 1, y + 1))
+                try:
+                    with Image.open(picture) as im:
+                        im = im.convert("RGB")
+                        im.thumbnail((thumb - 2, thumb - 2))
+                        sheet.paste(im, (label_w + k * thumb + 1, y + 1))
+                except OSError:  # an unreadable input (that cell failed on it): an empty square
+                    draw.rectangle([label_w + k * thumb + 1, y + 1, label_w + (k + 1) * thumb - 2, y + thumb - 2],
+                                   outline=(200, 0, 0))
         path = sheets / f"{ident.name}.png"
         sheet.save(path)
         written.append(str(path))
