@@ -148,13 +148,24 @@ def test_second_run_all_cached_and_byte_identical(env, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(env["out"], out)
     before = tree_bytes(out / "cells")
-    records: list[dict] = []
+    r = run_cli("eval", "--dry-run", env["root"] / "plan.toml", out)
+    assert "22 cached, 0 to resume, 0 to run" in r.stdout
     r = run_cli("eval", "--jsonl", env["root"] / "plan.toml", out)
     assert r.exit_code == 0, r.stderr
     records = [json.loads(line) for line in r.stdout.splitlines()]
     assert len(records) == 8 and all(rec["cached"] for rec in records)
     assert tree_bytes(out / "cells") == before
     assert csv_values(out) == csv_values(env["out"])
+
+
+def test_dry_run_lists_the_steps_and_runs_nothing(tmp_path):
+    make_identities(tmp_path)
+    (tmp_path / "plan.toml").write_text(PLAN)
+    r = run_cli("eval", "--dry-run", tmp_path / "plan.toml", tmp_path / "out")
+    assert r.exit_code == 0, r.stderr
+    assert "= 8 cells" in r.stdout and "22 distinct steps" in r.stdout
+    assert "0 cached, 0 to resume, 22 to run" in r.stdout and "model passes" in r.stdout
+    assert not (tmp_path / "out").exists()
 
 
 def test_changed_option_interrupted_then_resumed(env, tmp_path):

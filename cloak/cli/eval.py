@@ -36,7 +36,7 @@ renamed by clean = "set_A", protect = "set_B", ref = "set_C" under [data]):
   [data]
   identities = "celeb/*"
   [grid]
-  protect = ["none", "aspl", "cap:host=aspl", { method = "mist", eps = "8/255" }]
+  protect = ["none", "aspl", { method = "mist", eps = "8/255" }]
   purify  = ["none", "jpeg:quality=75"]
   attack  = ["dreambooth"]
   score   = ["fdfr", "ism"]
