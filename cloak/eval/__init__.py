@@ -107,6 +107,8 @@ class Tracker:
         left = len(self.cells) - len(self.finished)
         if left == 0:
             eta = "done"
+        elif self.todo_work - self.done_work <= 0:
+            eta = "ETA 0s"
         elif self.done_work > 0:
             eta = "ETA " + _duration(elapsed * max(0.0, self.todo_work - self.done_work) / self.done_work)
         else:
