@@ -238,7 +238,7 @@ def contact_sheets(out: Path, plan: Plan, cells: list[dict[str, Any]]) -> list[s
 
     from cloak.io.images import list_images
 
-    thumb, label_w, gens = 80, 230, 3
+    thumb, label_w, gens = 80, 270, 3
     written = []
     sheets = out / "sheets"
     sheets.mkdir(exist_ok=True)
