@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -c "import torch, torchvision" 2>/dev/null || $(BIN)/python -m pip install -q $(TORCH_SPEC)
-	$(BIN)/python -m pip install -q -e '.[test,dlib,iqa,faceid]'
+	$(BIN)/python -m pip install -q -e '.[test,dlib,iqa,faceid,cluster]'
 	# facenet-pytorch ships MTCNN weights but pins an old torch: install it without its dependencies.
 	$(BIN)/python -m pip install -q --no-deps 'facenet-pytorch>=2.5'
 	touch $(STAMP)

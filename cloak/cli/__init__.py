@@ -48,9 +48,9 @@ def _root(
 
 
 def _register() -> None:
-    from cloak.cli import attack, completion, config_cmd, immunize, methods, models, protect, purify, score
+    from cloak.cli import attack, completion, config_cmd, eval, immunize, methods, models, protect, purify, score
 
-    for module in (protect, immunize, purify, attack, score, methods):
+    for module in (protect, immunize, purify, attack, score, eval, methods):
         module.register(app)
     app.add_typer(models.app, name="models")
     app.add_typer(config_cmd.app, name="config")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -142,6 +143,26 @@ def content_digest(path: Path) -> str:
     return digest
 
 
+# Set by warm_models(): one memo that every Models object shares (a whole `cloak eval` plan in one process).
+_warm_memo: dict[tuple, Any] | None = None
+
+
+@contextmanager
+def warm_models():
+    """Within this block every :class:`Models` shares one memo, so the verbs called one after another load
+    each model once (``cloak eval``: one SD load for the whole plan, not one per verb call). Memo keys hold
+    the path, device and dtype, so models of different runs never mix; the loaded objects are shared, as
+    they already are between the methods of one run (methods that train copy them)."""
+    global _warm_memo
+    outer = _warm_memo
+    if outer is None:
+        _warm_memo = {}
+    try:
+        yield _warm_memo
+    finally:
+        _warm_memo = outer
+
+
 def looks_like_local_model(value: str) -> bool:
     path = Path(value).expanduser()
     return path.is_dir() and ((path / "model_index.json").is_file() or (path / "unet").is_dir())
@@ -162,7 +183,7 @@ class Models:
         self.dtype = dtype
         self.tiny = tiny
         self.overrides = overrides or {}
-        self._memo: dict[tuple, Any] = {}
+        self._memo: dict[tuple, Any] = _warm_memo if _warm_memo is not None else {}
         self._records: dict[tuple[str, str], ModelRecord] = {}
         self._digests: dict[Path, str] = {}
 
