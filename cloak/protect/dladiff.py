@@ -116,7 +116,9 @@ class DLADiff(ProtectMethod):
                          "attention-map disruption and alternating fine-tuning; PGD against several identity encoders"
     notes: ClassVar[str] = (
         LABEL + ". The paper body was not available: the attention-loss form, layers, weights, budgets, step "
-        "counts, encoder set and the composition of the two layers are proposals (protect.md §9). The ArcFace "
+        "counts, encoder set and the composition of the two layers are proposals (protect.md §9). Step 1 divides "
+        "each token's attention map by its own maximum [PROP] instead of Anti-Diffusion's ×100-and-clamp, which "
+        "saturates (zero gradient) wherever a probability exceeds 0.01 (-o attention_norm=clamp restores it). The ArcFace "
         "models of the spec's encoder set (insightface antelopev2 / buffalo_l) are ONNX graphs with no gradient "
         "here; layer 2 attacks ArcFace IR-SE50 and IP-Adapter's CLIP image encoder instead (or dlib-resnet, dlib's "
         "face ResNet on real weights that install offline). Clean reference set "
