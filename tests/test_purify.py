@@ -321,3 +321,33 @@ def test_face_restorer_paste_back_geometry():
     assert out.shape == (192, 224, 3)
     centre = out[2 * 44:2 * 52, 2 * 52:2 * 60].astype(float)
     assert np.abs(centre - 128).max() <= 2  # the restored (grey) face replaced the centre
+
+
+# ------------------------------------------------------------------------------------------------ efficacy
+
+
+def test_impress_lowers_its_vae_consistency_loss(cli, tmp_path, shared_cache):
+    """IMPRESS on PhotoGuard-protected photos (the perturbation built on the same tiny VAE): the consistency
+    loss MSE(D(E(x)), x), measured here on the saved 8-bit PNGs with tiny-sd's VAE, falls by a fifth at least
+    in 20 iterations. Seen: 0.398 on the protected input → 0.273 after IMPRESS (0.404 → 0.276 when the input
+    was ±12-level random-sign noise instead; 0.391 on the clean photos)."""
+    from cloak.models.handle import Models
+
+    clean = write_images(tmp_path / "clean", n=2, seed=0)
+    r = cli("protect", "--tiny", "-q", "--method", "photoguard", "--eps", "0.1", "--eps-unit", "m11", "--steps", "5",
+            clean, tmp_path / "protected")
+    assert r.exit_code == 0, r.stderr
+    r = cli("purify", "--tiny", "-q", "--json", "--method", "impress", "--seed", "0", "-o", "iterations=20",
+            tmp_path / "protected", tmp_path / "purified")
+    assert r.exit_code == 0, r.stderr
+    vae = Models(cache_dir=shared_cache, tiny=True).sd("sd21-base").vae
+
+    def consistency(folder: Path) -> float:
+        arrays = [np.asarray(Image.open(p).convert("RGB")) for p in sorted(folder.glob("*.png"))]
+        x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1
+        with torch.no_grad():
+            return float(torch.nn.functional.mse_loss(vae(x).sample, x))
+
+    before, after = consistency(tmp_path / "protected"), consistency(tmp_path / "purified")
+    print("impress consistency:", {"protected": before, "purified": after})
+    assert after < 0.8 * before, (before, after)
