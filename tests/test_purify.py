@@ -323,6 +323,42 @@ def test_face_restorer_paste_back_geometry():
     assert np.abs(centre - 128).max() <= 2  # the restored (grey) face replaced the centre
 
 
+def test_codeformer_grey_threshold_is_upstreams_10():
+    """FaceRestoreHelper.read_image calls is_gray(img, threshold=10) (sczhou/CodeFormer since 6c247ba): green
+    off by ±k at random, so the mean variance of the channel differences is 2k²/3 — k 3 (6) counts as grey
+    (it did not under the old threshold 5), k 4 (10.7) does not."""
+    from cloak.models.restoration import is_gray
+
+    rng = np.random.default_rng(0)
+    base = rng.integers(60, 200, size=(32, 32)).astype(np.int16)
+    for k, grey in ((1, True), (3, True), (4, False)):
+        green = base + k * rng.choice([-1, 1], size=base.shape)
+        rgb = np.stack([base, green, base], -1).astype(np.uint8)
+        assert is_gray(rgb) == grey, k
+
+
+class _SizeDetector(_Detector):
+    def detect_faces(self, bgr, conf_threshold=0.8):
+        self.seen = bgr.shape[:2]
+        return np.zeros((0, 15))
+
+
+@pytest.mark.parametrize("shrink, side", [(False, 900), (True, 640)])
+def test_codeformer_detection_enlarges_only_unless_asked_to_shrink(shrink, side):
+    """A 900×1200 image goes to the detector as it is ([PROP], CodeFormer's helper before a75e7ae, which
+    DiffShortcut ran) or shrunk to a 640 short side (det_shrink, CodeFormer today); a 512² one is enlarged to
+    640 either way."""
+    from cloak.models.restoration import FaceRestorer
+
+    detector = _SizeDetector(np.zeros((5, 2)))
+    restorer = FaceRestorer(_IdentityCodeFormer(), detector, _SkinParser(), torch.device("cpu"), det_shrink=shrink)
+    restorer.face_size = 512  # the published face size: the 640 detection side unscaled
+    restorer.detect(np.zeros((900, 1200, 3), np.uint8))
+    assert detector.seen == (side, int(1200 * side / 900))
+    restorer.detect(np.zeros((512, 512, 3), np.uint8))
+    assert detector.seen == (640, 640)
+
+
 # ------------------------------------------------------------------------------------------------ efficacy
 
 
