@@ -23,12 +23,14 @@ def test_aspl_raises_attackers_loss_on_clean_photos(cli, tmp_path, seed):
     r = cli("protect", "--tiny", "-q", "--seed", seed, "-o", "class_images=0", "-o", "iterations=10",
             "-o", "lr=1e-4", "--eps", "0.1", "--eps-unit", "m11", clean, tmp_path / "protected")
     assert r.exit_code == 0, r.stderr
+    write_sign_noise(clean, tmp_path / "noise", 12)  # the control: the same budget (0.1 m11), random signs
     losses = {}
-    for name, train in (("clean", clean), ("protected", tmp_path / "protected")):
+    for name, train in (("clean", clean), ("noise", tmp_path / "noise"), ("protected", tmp_path / "protected")):
         r = cli("attack", *ATTACK, "--seed", seed, "--ref", clean, train, tmp_path / f"attack-{name}")
         assert r.exit_code == 0, r.stderr
         losses[name] = json.loads(r.stdout)["summary"]["ref_denoising_loss"]
-    assert losses["protected"] > losses["clean"] + 0.002, losses
+    print("aspl efficacy:", losses)
+    assert losses["protected"] > losses["noise"] + 0.002 and losses["protected"] > losses["clean"] + 0.002, losses
 
 
 def test_aspl_at_native_size_beats_noise_after_the_attackers_resize(cli, tmp_path):

@@ -40,6 +40,7 @@ from cloak.adversarial.eot import (
     metacloak_transforms,
     resize_center_crop,
 )
+from cloak.adversarial.groups import Groups
 from cloak.diffusion.dreambooth import DreamBoothConfig
 from cloak.diffusion.surrogate import SnapshotPool, cached_dreambooth, pixels_sha256
 
@@ -378,6 +379,38 @@ def test_simac_feature_term_gradient_only_without_compat(tiny_sd, shared_cache, 
             assert m._last_feature_loss > 0
     same = torch.allclose(grads[0.0], grads[1.0])
     assert same == compat  # [Q] detached under --compat; the default carries the term's gradient
+
+
+@pytest.mark.parametrize("anchor, compat", [(None, False), (None, True), ("pgd_start", False), ("clean", True)])
+def test_simac_feature_term_anchors_where_the_option_says(tiny_sd, shared_cache, image_dir, anchor, compat):
+    """The clean branch of the feature term: the original images (default [PROP]) or, as released, the images
+    at the start of each PGD call (``feature_anchor=pgd_start``, the default under --compat). With the same
+    posterior sample in both branches the term is 0 exactly when the anchor is the image being scored: here
+    x, the images entering the PGD call."""
+    from cloak.diffusion import LatentCache, encode_prompts
+    from cloak.io.images import read_images
+
+    x0 = read_images(image_dir, 64).pixels
+    x = (x0 + 0.05 * torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))).clamp(-1, 1)
+    text = encode_prompts(tiny_sd.tokenizer, tiny_sd.text_encoder, ["a photo of sks person"])
+    _, make = _simac(**({"feature_anchor": anchor} if anchor else {}))
+    m = make(shared_cache, compat=compat)
+    m._clean_latents = [LatentCache.encode(tiny_sd.vae, x0)]  # as prepare() leaves them
+    expected = anchor or ("pgd_start" if compat else "clean")
+    assert m.feature_anchor() == expected
+    groups = Groups.of(x)
+    out, _ = m.pgd(tiny_sd, tiny_sd.unet, tiny_sd.text_encoder, groups, Groups.of(x0), 0, 0.1, 0.01)
+    assert torch.equal(out.parts[0], x)
+    m.ctx.generator.manual_seed(3)
+    draw = m.draw(tiny_sd, x)
+    draw.extra["clean_posterior_noise"] = draw.posterior_noise  # one posterior sample for both branches
+    with torch.no_grad():
+        m.loss(tiny_sd, tiny_sd.unet, x, text, draw)
+    if expected == "pgd_start":
+        assert m._last_feature_loss < 1e-10, m._last_feature_loss
+    else:
+        assert m._last_feature_loss > 1e-6, m._last_feature_loss
+    assert m.summary([])["feature_term"]["anchor"] == expected
 
 
 # ------------------------------------------------------------------------------------------------

@@ -9,8 +9,8 @@ Both are DiffShortcut's purification stages (purify.md §1). Weights come from t
 
 facexlib's ``FaceRestoreHelper`` would download its detector and parser on construction, so
 :class:`FaceRestorer` re-implements the helper as CodeFormer's ``inference_codeformer.py`` drives it
-(whole-image mode: upscale 2, detector resize 640, eye-distance threshold 5, parse-mask paste-back) with
-the networks handed in. Its constants are the upstream ones at the published 512² face size and are
+(whole-image mode: upscale 2, detector resize 640, eye-distance threshold 5, grey threshold 10, parse-mask
+paste-back) with the networks handed in. Its constants are the upstream ones at the published 512² face size and are
 scaled with the face size, so the built-in stand-ins (same classes at toy width, seeded random weights,
 same file names plus ``cloak_arch.json``) run the same code on tiny images.
 """
@@ -129,8 +129,10 @@ class FaceRecord:
     landmarks: np.ndarray  # 5×2, in the (possibly enlarged) working image
 
 
-def is_gray(rgb: np.ndarray, threshold: float = 5.0) -> bool:
-    """CodeFormer's test: mean variance of the pairwise channel differences at most ``threshold``."""
+def is_gray(rgb: np.ndarray, threshold: float = 10.0) -> bool:
+    """CodeFormer's test: mean variance of the pairwise channel differences at most ``threshold`` (10, as
+    ``FaceRestoreHelper.read_image`` calls it since sczhou/CodeFormer 6c247ba, 2023-01, "change threshold for
+    is_gray"; 5 before)."""
     c = rgb.astype(np.int16)
     diffs = [(c[..., 0] - c[..., 1]).var(), (c[..., 1] - c[..., 2]).var(), (c[..., 2] - c[..., 0]).var()]
     return float(sum(diffs) / 3.0) <= threshold
@@ -152,6 +154,11 @@ class FaceRestorer:
     conf_threshold: float = 0.8  # the detector's default in CodeFormer's helper
     eye_dist_threshold: float = 5.0
     det_short_side: int = 640  # images are enlarged so the short side is at least this for detection
+    # [PROP] Larger images are not shrunk for detection: CodeFormer's helper only enlarged ("scale = max(1,
+    # scale)") until sczhou/CodeFormer a75e7ae (2024-09) commented that out, so that HD images are shrunk to a
+    # 640 short side (INTER_AREA) too. DiffShortcut (2024-06) ran the earlier code; det_shrink=True follows
+    # today's CodeFormer.
+    det_shrink: bool = False
     compat: bool = False
     face_size: int = field(init=False)
     parse_size: int = field(init=False)
@@ -182,8 +189,11 @@ class FaceRestorer:
 
         h, w = rgb.shape[:2]
         det_side = max(1, round(self.det_short_side * self.scale))
-        scale = max(1.0, det_side / min(h, w))  # never shrinks
-        img = cv2.resize(rgb, (int(w * scale), int(h * scale)), interpolation=cv2.INTER_LINEAR)
+        scale = det_side / min(h, w)
+        if not self.det_shrink:
+            scale = max(1.0, scale)
+        interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+        img = cv2.resize(rgb, (int(w * scale), int(h * scale)), interpolation=interpolation)
         bgr = np.ascontiguousarray(img[:, :, ::-1])
         found = self.detector.detect_faces(bgr, conf_threshold=self.conf_threshold)
         faces = []

@@ -10,7 +10,11 @@ Layer 1 (against fine-tuning), budget ``eps`` around the clean images B:
     Step 1: ``attention_steps`` PGD steps ascending  w·D(M(UNet_s, x), M_ref) + L_dn(UNet_s, x), where M are
             the cross-attention maps (Anti-Diffusion recipe, cloak.diffusion.attention) and M_ref the maps of
             the clean images on the same draw (``attention_target=reference``; ``zero`` = Anti-Diffusion's
-            −MSE(M, 0));
+            −MSE(M, 0)). [PROP] Each token's map is divided by its own spatial maximum before D
+            (``attention_norm=token_max``): Anti-Diffusion's ×100-and-clamp saturates wherever a probability
+            exceeds 0.01 (every map of tiny-sd, many of real SD over 77 tokens), and a saturated map gives D and
+            its gradient exactly 0 — step 1 would be plain denoising-loss PGD. ``attention_norm=clamp`` keeps
+            Anti-Diffusion's transform;
     Step 2: the dynamic surrogate takes ``surrogate_steps`` DreamBooth steps on the current protected images;
     Step 3: ``pgd_steps`` PGD steps ascending L_dn(dynamic surrogate, x).
 Layer 2 (against zero-shot), budget ``eps_zs`` around the layer-1 result: ``zs_steps`` PGD steps descending
@@ -63,8 +67,13 @@ class DLADiffOptions(SurrogateOptions):
                                  "zero: Anti-Diffusion's −MSE(maps, 0)")
     attention_resolution: int | None = Field(None, ge=1, description="side of the recorded maps (default: latent "
                                                                      "side / 4, i.e. 16 at 512 px)")
-    attention_scale: float = Field(100.0, gt=0, description="maps are scaled by this and clamped to [0,1] "
-                                                           "(Anti-Diffusion: 100)")
+    attention_norm: Literal["token_max", "clamp"] = Field(
+        "token_max", description="how maps are put on [0,1] before the attention loss: token_max = each token's "
+                                 "map divided by its own maximum over positions (keeps a gradient at any scale); "
+                                 "clamp = Anti-Diffusion's ×attention_scale clamped to [0,1] (flat, so no gradient, "
+                                 "wherever a probability exceeds 1/attention_scale)")
+    attention_scale: float = Field(100.0, gt=0, description="attention_norm=clamp: maps are scaled by this and "
+                                                           "clamped to [0,1] (Anti-Diffusion: 100)")
     # Layer 2
     eps_zs: float = Field(8.0, ge=0, description="layer 2 ℓ∞ budget around the layer-1 result",
                           json_schema_extra={"unit": "zs_unit"})
@@ -107,8 +116,10 @@ class DLADiff(ProtectMethod):
                          "attention-map disruption and alternating fine-tuning; PGD against several identity encoders"
     notes: ClassVar[str] = (
         LABEL + ". The paper body was not available: the attention-loss form, layers, weights, budgets, step "
-        "counts, encoder set and the composition of the two layers are proposals (protect.md §9). Of the spec's "
-        "encoder set, insightface antelopev2 is not available; buffalo_l's recognizer (FaceID's embedder) is, as "
+        "counts, encoder set and the composition of the two layers are proposals (protect.md §9). Step 1 divides "
+        "each token's attention map by its own maximum [PROP] instead of Anti-Diffusion's ×100-and-clamp, which "
+        "saturates (zero gradient) wherever a probability exceeds 0.01 (-o attention_norm=clamp restores it). Of the "
+        "spec's encoder set, insightface antelopev2 is not available; buffalo_l's recognizer (FaceID's embedder) is, as "
         "-o encoders=...,insightface-w600k-r50 (its ONNX graph run as torch ops; needs cloak[faceid], "
         "non-commercial weights). By default layer 2 attacks ArcFace IR-SE50 and IP-Adapter's CLIP image encoder "
         "(or dlib-resnet, dlib's face ResNet on real weights that install offline). Clean reference set "
@@ -116,7 +127,7 @@ class DLADiff(ProtectMethod):
     Options = DLADiffOptions
     proposals: ClassVar[tuple[str, ...]] = (
         "layers", "eps", "alpha", "epochs", "attention_steps", "surrogate_steps", "pgd_steps", "attention_weight",
-        "attention_target", "attention_resolution", "attention_scale", "eps_zs", "alpha_zs", "zs_unit", "zs_steps",
+        "attention_target", "attention_resolution", "attention_norm", "attention_scale", "eps_zs", "alpha_zs", "zs_unit", "zs_steps",
         "encoders", "face_margin")
     uses_ref = True
     steps_option = "epochs"
@@ -213,7 +224,8 @@ class DLADiff(ProtectMethod):
         return x.detach(), {
             "epochs": epochs, "attention_steps": n_att, "surrogate_steps": n_db, "pgd_steps": n_pgd,
             "attention_resolution": resolution, "static_surrogate": static_info,
-            "final_attention_objective": att_loss, "final_pgd_loss": pgd_loss, "final_surrogate_loss": db_loss,
+            "attention_norm": o.attention_norm, "final_attention_objective": att_loss,
+            "final_attention_term": self.attention_terms[-1] if getattr(self, "attention_terms", None) else None, "final_pgd_loss": pgd_loss, "final_surrogate_loss": db_loss,
             "surrogate_precision": "bf16 weights (--compat)" if ctx.compat else "fp32 master weights"}
 
     def dynamic_surrogate(self, sd, cfg: DreamBoothConfig) -> DreamBoothTrainer:
@@ -254,36 +266,57 @@ class DLADiff(ProtectMethod):
                                   timesteps=draw.timesteps, noise=draw.noise.to(dt))
 
     def attention_maps(self, recorder: CrossAttentionRecorder) -> torch.Tensor:
-        """Anti-Diffusion's map transform: ×scale, clamped to [0, 1]."""
-        return (recorder.maps() * self.opts.attention_scale).clamp(0, 1)
+        """The recorded maps (B × positions × tokens) on [0, 1].
+
+        ``token_max`` [PROP]: each token's map over the positions divided by its own maximum, so the term
+        compares where each token attends whatever its share of the softmax, and keeps a gradient everywhere
+        but at each map's peak. ``clamp``: Anti-Diffusion's ×scale clamped to [0, 1], flat (zero gradient)
+        wherever a probability exceeds 1/scale — on tiny-sd every probability (≈1/77) does.
+        """
+        maps = recorder.maps()
+        if self.opts.attention_norm == "clamp":
+            return (maps * self.opts.attention_scale).clamp(0, 1)
+        return maps / maps.amax(dim=1, keepdim=True).clamp_min(torch.finfo(maps.dtype).tiny)
+
+    def attention_loss(self, sd, unet, text, recorder: CrossAttentionRecorder, pixels: torch.Tensor,
+                       clean: torch.Tensor, draw: Draw) -> tuple[torch.Tensor, torch.Tensor]:
+        """Step 1's objective on one bucket: (attention term D, L_dn), both on the same draw; step 1 ascends
+        ``attention_weight``·D + L_dn. ``recorder.positions`` must be set for the bucket's shape."""
+        target = None
+        if self.opts.attention_target == "reference":
+            with torch.no_grad():
+                recorder.reset()
+                self.denoising(sd, unet, text, clean, draw)
+                target = self.attention_maps(recorder)
+        recorder.reset()
+        ldn = self.denoising(sd, unet, text, pixels, draw)
+        maps = self.attention_maps(recorder)
+        if target is not None:  # [PROP] move the maps away from the clean images' maps
+            att = F.mse_loss(maps, target)
+        else:  # Anti-Diffusion: −MSE(maps, 0), i.e. drive the maps towards zero
+            att = -F.mse_loss(maps, torch.zeros_like(maps))
+        return att, ldn
 
     def attention_step(self, sd, unet, text, recorder, x: Groups, x0: Groups, steps: int, eps: float,
                        alpha: float, positions: list[tuple[int, int]]):
         """Step 1: PGD ascent on w·D(maps(x), maps_ref) + L_dn against the static surrogate, bucket by bucket
-        (each at its own map size), the buckets' losses weighted by their share of the set."""
+        (each at its own map size), the buckets' losses weighted by their share of the set.
+        ``self.attention_terms``: the set's attention term D at each step (before that step's update)."""
         o = self.opts
         value = float("nan")
+        self.attention_terms: list[float] = []
         for _ in range(steps):
             draws = [self.draw(sd, part) for part in x.parts]
+            terms: list[float] = []
 
-            def loss_fn(pixels, b: int, rows=None, draws=draws):
+            def loss_fn(pixels, b: int, rows=None, draws=draws, terms=terms):
                 recorder.positions = positions[b][1]
-                target = None
-                if o.attention_target == "reference":
-                    with torch.no_grad():
-                        recorder.reset()
-                        self.denoising(sd, unet, text, x0.parts[b], draws[b])
-                        target = self.attention_maps(recorder)
-                recorder.reset()
-                ldn = self.denoising(sd, unet, text, pixels, draws[b])
-                maps = self.attention_maps(recorder)
-                if target is not None:  # [PROP] move the maps away from the clean images' maps
-                    att = F.mse_loss(maps, target)
-                else:  # Anti-Diffusion: −MSE(maps, 0), i.e. drive the maps towards zero
-                    att = -F.mse_loss(maps, torch.zeros_like(maps))
+                att, ldn = self.attention_loss(sd, unet, text, recorder, pixels, x0.parts[b], draws[b])
+                terms.append(float(att.detach()) * pixels.shape[0] / len(x))
                 return o.attention_weight * att + ldn
 
             value, grad = loss_and_grad(x, loss_fn)
+            self.attention_terms.append(sum(terms))
             x = x.map(lambda p, g, p0: pgd_step(p.detach(), g, p0, alpha, eps), grad, x0)
         recorder.reset()
         return x.detach(), value

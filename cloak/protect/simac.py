@@ -9,11 +9,16 @@ blocks of the UNet's last up-block (64×64 latents on SD).
 
 [Q] The released code adds the feature term as ``.detach().item()``: a constant, no gradient. The
 default here carries its gradient (the paper's intent) [PROP]; ``--compat`` adds the detached value.
+
+[Q] The released clean branch encodes ``data_tensor``, the images as they were at the start of each PGD call
+(already perturbed from the second iteration on), not the original photos. ``feature_anchor`` picks:
+``clean`` (the original images, the paper's "clean" features) is the default [PROP]; ``pgd_start`` is the
+released behaviour and the default under ``--compat``.
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -58,7 +63,7 @@ class Simac(Aspl):
                   "feature interference on ASPL; the feature term carries its gradient unless --compat")
     uses_ref = True
     steps_option = "iterations"
-    proposals: ClassVar[tuple[str, ...]] = ("feature_weight",)
+    proposals: ClassVar[tuple[str, ...]] = ("feature_weight", "feature_anchor")
 
     class Options(SurrogateOptions):
         eps: float = Field(16 / 255, ge=0, description="ℓ∞ budget (released: 16/255 in [-1,1] = 8/255 in [0,1])",
@@ -78,6 +83,10 @@ class Simac(Aspl):
         min_timesteps: int = Field(100, ge=1, description="selection stops at this many remaining timesteps")
         feature_weight: float = Field(1.0, ge=0, description="λ of the feature-interference term "
                                                              "(gradient-carrying [PROP]; detached under --compat)")
+        feature_anchor: Literal["clean", "pgd_start"] | None = Field(
+            None, description="clean branch of the feature term: clean = the original images [PROP]; pgd_start = "
+                              "the images at the start of each PGD call (released code); default clean, pgd_start "
+                              "under --compat")
 
     tiny_options: ClassVar[dict] = {"class_images": 2, "iterations": 2, "surrogate_steps": 1, "pgd_steps": 2,
                                     "select_rounds": 2, "select_candidates": 2}
@@ -164,6 +173,17 @@ class Simac(Aspl):
         return x.detach(), grad
 
     # --- 2. ASPL loop with the selected timesteps and the feature term ------------------------------
+    def feature_anchor(self) -> str:
+        return self.opts.feature_anchor or ("pgd_start" if self.ctx.compat else "clean")
+
+    def pgd(self, sd, unet, text_encoder, x: Groups, x0: Groups, steps: int, eps: float, alpha: float, bar=None,
+            on_step=None):
+        if self.opts.feature_weight and self.feature_anchor() == "pgd_start":
+            # Released: the clean branch encodes the images as they enter this PGD call.
+            with torch.no_grad():
+                self._clean_latents = [LatentCache.encode(sd.vae, part.detach()) for part in x.parts]
+        return super().pgd(sd, unet, text_encoder, x, x0, steps, eps, alpha, bar=bar, on_step=on_step)
+
     def draw_timesteps(self, sd, x, indices: list[int] | None = None) -> torch.Tensor | None:
         if self.timestep_sets is None:
             return None
@@ -206,7 +226,7 @@ class Simac(Aspl):
         out["timestep_selection"] = {"rounds": getattr(self, "_select_rounds", 0), "remaining": sizes,
                                      "min_timesteps": self.opts.min_timesteps}
         out["feature_term"] = {"weight": self.opts.feature_weight,
-                               "gradient": not self.ctx.compat,
+                               "gradient": not self.ctx.compat, "anchor": self.feature_anchor(),
                                "last_value": getattr(self, "_last_feature_loss", None)}
         return out
 
