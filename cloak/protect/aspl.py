@@ -33,6 +33,7 @@ from cloak.adversarial.groups import Groups, center_crop, loss_and_grad, loss_va
 from cloak.diffusion import Draw, LatentCache, encode_latents, encode_prompts, sample_noise, training_target
 from cloak.diffusion.class_images import class_images
 from cloak.diffusion.dreambooth import DreamBoothConfig, DreamBoothTrainer, autocast_for, copy_params
+from cloak.diffusion.precision import PIXEL_DTYPE, DtypeLedger
 from cloak.diffusion.surrogate import SnapshotPool
 from cloak.io.images import ImageSet
 from cloak.methods import MethodOptions
@@ -119,7 +120,8 @@ def ddpm_prev_sample(scheduler, model_output: torch.Tensor, timesteps: torch.Ten
 class Aspl(ProtectMethod):
     paper = "Le et al., Anti-DreamBooth, ICCV 2023 (arXiv 2303.15433)"
     implements = ("ASPL per VinAIResearch/Anti-DreamBooth attacks/aspl.py, E-ASPL per attacks/ensemble_aspl.py "
-                  "(-o models=...), T-ASPL with a target image; fp32 surrogate weights unless --compat")
+                  "(-o models=...), T-ASPL with a target image; fp32 surrogate master weights and fp32 "
+                  "perturbations under any --dtype (bf16: autocast compute), bf16 weights only with --compat")
     uses_ref = True
     steps_option = "iterations"
 
@@ -152,7 +154,7 @@ class Aspl(ProtectMethod):
     # --- the run --------------------------------------------------------------------------------
     def __call__(self, images: ImageSet) -> ProtectResult:
         ctx = self.ctx
-        x0 = Groups.of(images, ctx.device, ctx.dtype)
+        x0 = Groups.of(images, ctx.device, PIXEL_DTYPE)  # fp32 whatever --dtype: bf16 would round α-steps away
         clean = self.clean_set(images)
         ids = self.model_ids()
         if len(ids) > 1:
@@ -212,7 +214,7 @@ class Aspl(ProtectMethod):
         ctx = self.ctx
         self._crop_size = self.crop_size(images)
         source = ctx.ref if ctx.ref is not None else images
-        return square_crops(source, self._crop_size, ctx.device, ctx.dtype)
+        return square_crops(source, self._crop_size, ctx.device, PIXEL_DTYPE)
 
     def save_snapshot(self, x: Groups, count: int, unit: str) -> None:
         """Hand the set to the verb's writer after every ``save_every`` units (iterations, or FSMG's steps)."""
@@ -242,7 +244,8 @@ class Aspl(ProtectMethod):
     def summary(self, history: list[float]) -> dict[str, Any]:
         out: dict[str, Any] = {"final_pgd_loss": history[-1] if history else None,
                                "clean_reference": "ref" if self.ctx.ref is not None else "input",
-                               "pgd_steps": self.pgd_steps_done, "surrogate_weights": self.weights_note()}
+                               "pgd_steps": self.pgd_steps_done, "surrogate_weights": self.weights_note(),
+                               "dtypes": self.dtype_record()}
         if self._target_latents is not None:
             out["targeted"] = self._target_record
         if len(self.model_ids()) > 1:
@@ -250,8 +253,32 @@ class Aspl(ProtectMethod):
         return out
 
     def weights_note(self) -> str:
-        return "bf16 weights trained directly (--compat, as released)" if self.ctx.compat else \
-            "fp32 master weights"
+        """What the trained weights were, read off the run's dtype record (not off the flags)."""
+        trained = self.dtype_record().get("trained_weights", "float32")
+        if "bfloat16" in trained:
+            return "bf16 weights trained directly (--compat, as released)"
+        return f"{trained} master weights"
+
+    @property
+    def dtypes(self) -> DtypeLedger:
+        """Dtypes seen in this run: trained copies, their optimizer state, compute, perturbation, gradient."""
+        if "_dtypes" not in self.__dict__:
+            self._dtypes = DtypeLedger()
+        return self._dtypes
+
+    def dtype_record(self) -> dict[str, str]:
+        """The report's ``dtypes``: the trainers this run made, as they are at its end, plus what PGD saw."""
+        for trainer in self.__dict__.get("_trainers", []):
+            self.dtypes.note_trainer(trainer)
+        sd = self.__dict__.get("_sd")
+        if sd is not None:
+            self.dtypes.note("frozen_weights", sd.vae.parameters())
+        return self.dtypes.record()
+
+    def track(self, sd, *trainers: DreamBoothTrainer) -> None:
+        """Register the base model and trainers whose dtypes the report records."""
+        self._sd = sd
+        self.__dict__.setdefault("_trainers", []).extend(t for t in trainers if t not in self._trainers)
 
     def total_pgd_steps(self) -> int:
         """K: PGD steps of the whole run (every ensemble member's steps count), for CAP's k̂ = K/2."""
@@ -289,6 +316,7 @@ class Aspl(ProtectMethod):
         for _ in range(2):
             unet, te = sd.trainable_copy()
             pair.append(DreamBoothTrainer(sd, unet, te, cfg, class_latents=class_latents, generator=gen))
+        self.track(sd, *pair)
         return pair[0], pair[1]
 
     def tune(self, trainer: DreamBoothTrainer, sample, n_images: int, steps: int, cursor: int) -> int:
@@ -356,7 +384,7 @@ class Aspl(ProtectMethod):
         scheduler = sd.noise_scheduler
         n = latents.shape[0]
         dt = next(unet.parameters()).dtype  # bf16 under --compat (weights trained in bf16, as released)
-        with autocast_for(latents.device):
+        with autocast_for(latents.device, self.ctx.dtype):
             noisy = scheduler.add_noise(latents, draw.noise.to(latents.dtype), draw.timesteps)
             pred = unet(noisy.to(dt), draw.timesteps, text.to(dt).expand(n, *text.shape[1:])).sample
         target = training_target(scheduler, latents, draw.noise.to(latents.dtype), draw.timesteps)
@@ -386,7 +414,10 @@ class Aspl(ProtectMethod):
     def loss_and_grad(self, x: Groups, loss_fn) -> tuple[float, Groups]:
         """The step's loss (the mean over the set) and ∇ₓ of it, bucket by bucket and in ``pgd_batch``
         chunks when asked (cloak.adversarial.groups.loss_and_grad)."""
-        return loss_and_grad(x, loss_fn, self.chunks)
+        loss, grad = loss_and_grad(x, loss_fn, self.chunks)
+        self.dtypes.note("perturbation", x.parts)
+        self.dtypes.note("perturbation_grad", grad.parts)
+        return loss, grad
 
     def loss_value(self, x: Groups, loss_fn) -> float:
         """The step's loss at ``x`` without a gradient (CAP's candidates), pieced like ``loss_and_grad``."""
@@ -410,7 +441,7 @@ class Aspl(ProtectMethod):
         res = self.ctx.resolution or sd.resolution
         latents = []
         for shape in (x0.shapes if x0 is not None else [(res, res)]):
-            pixels = load_target(path, shape).to(self.ctx.device, self.ctx.dtype)
+            pixels = load_target(path, shape).to(self.ctx.device, PIXEL_DTYPE)
             with torch.no_grad():
                 latents.append(encode_latents(sd.vae, pixels, self.ctx.generator))
         self._target_latents = latents
@@ -474,6 +505,7 @@ class Aspl(ProtectMethod):
                 pair.append(DreamBoothTrainer(sd, unet, te, cfg, class_latents=m.class_latents,
                                               generator=ctx.generator))
             pairs[m.arch] = (pair[0], pair[1])
+            self.track(sd, *pair)
             fresh = True
         else:
             fresh = False

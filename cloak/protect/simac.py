@@ -157,7 +157,7 @@ class Simac(Aspl):
         d = Draw.sample(x.shape[0], self.latent_shape(sd, x), sd.noise_scheduler, self.ctx.generator, x.device,
                         timesteps=timesteps.to(x.device))
         latents = encode_latents(sd.vae, x, posterior_noise=d.posterior_noise)
-        with autocast_for(latents.device):
+        with autocast_for(latents.device, self.ctx.dtype):
             per_image = denoising_loss(sd.unet, sd.noise_scheduler, latents, text.to(latents.dtype),
                                        self.ctx.generator, timesteps=d.timesteps, noise=d.noise, reduction="none")
         (grad,) = torch.autograd.grad(per_image.sum(), x)
@@ -190,7 +190,7 @@ class Simac(Aspl):
             mean, std = (cache.mean, cache.std) if rows is None else (cache.mean[rows], cache.std[rows])
             z = (mean + std * draw.extra["clean_posterior_noise"].to(mean.dtype)) * cache.scaling
             dt = next(unet.parameters()).dtype
-            with autocast_for(z.device):
+            with autocast_for(z.device, self.ctx.dtype):
                 noisy = sd.noise_scheduler.add_noise(z, draw.noise.to(z.dtype), draw.timesteps)
                 unet(noisy.to(dt), draw.timesteps, text.to(dt).expand(z.shape[0], *text.shape[1:]))
         term = F.mse_loss(feats, clean_tap.features())
