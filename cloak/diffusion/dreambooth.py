@@ -139,6 +139,11 @@ class DreamBoothTrainer:
     def reset_optimizer(self) -> None:
         reset_optimizer_state(self.optimizer)
 
+    def copy_from(self, other: DreamBoothTrainer) -> None:
+        """These weights ← ``other``'s, in place (ASPL's f' ← copy(f)); adapter trainers copy their adapters."""
+        copy_params(other.unet, self.unet)
+        copy_params(other.text_encoder, self.text_encoder)
+
     def freeze(self) -> None:
         """Switch weight gradients off (PGD against this model needs gradients for the image only)."""
         self.unet.requires_grad_(False)

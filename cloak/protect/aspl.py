@@ -32,7 +32,8 @@ from cloak.adversarial import pgd_step
 from cloak.adversarial.groups import Groups, center_crop, loss_and_grad, loss_value, square_crops
 from cloak.diffusion import Draw, LatentCache, encode_latents, encode_prompts, sample_noise, training_target
 from cloak.diffusion.class_images import class_images
-from cloak.diffusion.dreambooth import DreamBoothConfig, DreamBoothTrainer, autocast_for, copy_params
+from cloak.diffusion.dreambooth import DreamBoothConfig, DreamBoothTrainer, autocast_for
+from cloak.diffusion.lora_surrogate import LoraSurrogateOptions
 from cloak.diffusion.precision import PIXEL_DTYPE, DtypeLedger
 from cloak.diffusion.surrogate import SnapshotPool
 from cloak.io.images import ImageSet
@@ -125,7 +126,7 @@ class Aspl(ProtectMethod):
     uses_ref = True
     steps_option = "iterations"
 
-    class Options(TargetOptions, SurrogateOptions):
+    class Options(TargetOptions, SurrogateOptions, LoraSurrogateOptions):
         iterations: int = Field(50, ge=0, description="outer ASPL iterations N")
         surrogate_steps: int = Field(3, ge=0, description="DreamBooth steps per surrogate update (n)")
         pgd_steps: int = Field(6, ge=0, description="PGD steps per iteration (K)")
@@ -228,8 +229,7 @@ class Aspl(ProtectMethod):
         n_f, n_pgd = ctx.iters(o.surrogate_steps), ctx.iters(o.pgd_steps)
         ref_latents, cursors = state["ref"], state["cursors"]
         # f' ← DB(copy(f), A_clean, n): weights copied into a preallocated twin, optimizer state zeroed.
-        copy_params(surrogate.unet, learner.unet)
-        copy_params(surrogate.text_encoder, learner.text_encoder)
+        learner.copy_from(surrogate)
         learner.reset_optimizer()
         learner.unfreeze()
         cursors[0] = self.tune(learner, ref_latents.sample, len(ref_latents), n_f, cursors[0])
@@ -312,12 +312,27 @@ class Aspl(ProtectMethod):
         self._ref_latents = LatentCache.encode(sd.vae, clean)
         self._n_class = len(class_latents) if class_latents is not None else 0
         cfg, gen = self.db_config(), self.ctx.generator
-        pair = []
-        for _ in range(2):
-            unet, te = sd.trainable_copy()
-            pair.append(DreamBoothTrainer(sd, unet, te, cfg, class_latents=class_latents, generator=gen))
+        if getattr(self.opts, "surrogate", "full") == "lora":
+            pair = self.lora_pair(sd, cfg, class_latents)
+        else:
+            pair = []
+            for _ in range(2):
+                unet, te = sd.trainable_copy()
+                pair.append(DreamBoothTrainer(sd, unet, te, cfg, class_latents=class_latents, generator=gen))
         self.track(sd, *pair)
         return pair[0], pair[1]
+
+    def lora_pair(self, sd, cfg: DreamBoothConfig, class_latents) -> list[DreamBoothTrainer]:
+        """(f', f) as two LoRA adapter sets on the shared base (-o surrogate=lora) [PROP]; aspl-lora
+        overrides this with the released single set."""
+        if self.model_ids()[1:]:
+            from cloak.errors import UsageError
+
+            raise UsageError(f"{self.name}: -o surrogate=lora does not combine with an E-ASPL ensemble (-o models=)")
+        from cloak.diffusion.lora_surrogate import lora_trainers
+
+        return lora_trainers(sd, ("learner", "surrogate"), cfg, rank=self.opts.lora_rank,
+                             class_latents=class_latents, generator=self.ctx.generator)
 
     def tune(self, trainer: DreamBoothTrainer, sample, n_images: int, steps: int, cursor: int) -> int:
         """``steps`` DreamBooth steps on one instance image each (+1 class image), as aspl.py does.

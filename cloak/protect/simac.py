@@ -23,6 +23,7 @@ from cloak.adversarial import pgd_step
 from cloak.adversarial.groups import Groups
 from cloak.diffusion import Draw, LatentCache, denoising_loss, encode_latents, encode_prompts, sample_noise
 from cloak.diffusion.dreambooth import autocast_for
+from cloak.diffusion.lora_surrogate import LoraSurrogateOptions
 from cloak.protect.aspl import Aspl, SurrogateOptions, pgd_batch_field, save_every_field
 
 
@@ -60,7 +61,7 @@ class Simac(Aspl):
     steps_option = "iterations"
     proposals: ClassVar[tuple[str, ...]] = ("feature_weight",)
 
-    class Options(SurrogateOptions):
+    class Options(SurrogateOptions, LoraSurrogateOptions):
         eps: float = Field(16 / 255, ge=0, description="ℓ∞ budget (released: 16/255 in [-1,1] = 8/255 in [0,1])",
                            json_schema_extra={"unit": "unit"})
         alpha: float = Field(0.005, ge=0, description="PGD step size", json_schema_extra={"unit": "unit"})
