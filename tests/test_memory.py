@@ -53,6 +53,7 @@ def test_aspl_lora_beats_sign_noise(domain_base, tmp_path):
     """aspl-lora as the family's efficacy test measures (test_protect_family: tiny-sd after a short DreamBooth on
     the test domain, η = 0.1): the attacker's DreamBooth loss on the protected set beats the same on ±ε
     random-sign noise and on the clean set. The surrogate's adapters weigh ~0.1 MiB (a tiny-sd UNet copy: ~5 MiB).
+    Seen (seed 0): protected 0.3108, ±ε noise 0.3073, clean 0.3072 (margin 0.0035 over noise).
     """
     from test_protect_family import attacker_loss, identity_set, ok, sign_noise_copy
 
