@@ -124,7 +124,7 @@ def _objective(method, trainer, sd, x, n_draws: int = 24) -> float:
         method.ctx.generator = saved
 
 
-def efficacy(seeds: list[int], cache: str, iterations: int) -> list[dict]:
+def efficacy(seeds: list[int], cache: str, iterations: int, draws: int = 24) -> list[dict]:
     import torch
 
     from cloak.diffusion.lora_surrogate import remove_lora
@@ -152,10 +152,10 @@ def efficacy(seeds: list[int], cache: str, iterations: int) -> list[dict]:
             protected = result.pixels if torch.is_tensor(result.pixels) else torch.stack(list(result.pixels))
             sd = ctx.models.sd("tiny-sd")
             learner = method._trainers[0]
-            own = {name: _objective(method, learner, sd, x) for name, x in
+            own = {name: _objective(method, learner, sd, x, draws) for name, x in
                    (("clean", x0), ("noise", noise), ("protected", protected))}
             remove_lora(sd)
-            base = {name: _objective(method, None, sd, x) for name, x in (("noise", noise), ("protected", protected))}
+            base = {name: _objective(method, None, sd, x, draws) for name, x in (("noise", noise), ("protected", protected))}
             rows.append({"seed": seed, "variant": label, "own_clean": own["clean"], "own_noise": own["noise"],
                          "own_protected": own["protected"], "own_gain_over_noise": own["protected"] - own["noise"],
                          "base_gain_over_noise": base["protected"] - base["noise"]})
@@ -172,6 +172,7 @@ def main() -> int:
     parser.add_argument("--configs", nargs="*", default=None, help="subset, e.g. fp32:default bf16:low")
     parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
     parser.add_argument("--efficacy-iterations", type=int, default=4)
+    parser.add_argument("--draws", type=int, default=24, help="fixed draws per objective evaluation")
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--skip-efficacy", action="store_true")
     parser.add_argument("--cache", default=DEFAULT_CACHE)
@@ -190,7 +191,7 @@ def main() -> int:
                                               args.surrogate_steps, "--pgd-steps", args.pgd_steps, "--cache",
                                               args.cache], check=False) for d, t in configs]
     if not args.skip_efficacy:
-        out["efficacy"] = efficacy(args.seeds, args.cache, args.efficacy_iterations)
+        out["efficacy"] = efficacy(args.seeds, args.cache, args.efficacy_iterations, args.draws)
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
