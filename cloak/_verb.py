@@ -41,6 +41,7 @@ class Common:
     seed: int | None = None
     device: str | None = None
     dtype: str | None = None
+    memory: str | None = None  # --memory default|low (cloak.diffusion.memory)
     options: dict[str, str] = field(default_factory=dict)  # -o key=value
     force: bool = False
     resume: bool = False
@@ -112,6 +113,11 @@ class VerbRun:
         if dtype_name not in DTYPES:
             raise UsageError(f"unknown --dtype {dtype_name!r}; valid: fp32, bf16, fp16")
         self.dtype_name = DTYPES[dtype_name]
+        from cloak.diffusion.memory import MEMORY_TIERS
+
+        self.memory = str(self.value("memory", common.memory, "default"))
+        if self.memory not in MEMORY_TIERS:
+            raise UsageError(f"unknown --memory {self.memory!r}; valid: {', '.join(MEMORY_TIERS)}")
         self.resolution_flag = self.value("resolution", common.resolution, None)
         if self.resolution_flag is not None and (isinstance(self.resolution_flag, bool) or
                                                  not isinstance(self.resolution_flag, int) or self.resolution_flag < 1):
@@ -140,7 +146,12 @@ class VerbRun:
         return value
 
     def options(self, extra_layers: list[tuple[str, dict]] | None = None):
+        from cloak.diffusion.memory import tier_options
+
         layers = [("config", self.cfg.method(self.verb, self.method_name))]
+        tier = tier_options(self.memory, self.method_cls.Options)
+        if tier:  # --memory low's options, below the verb's flags and -o
+            layers.append((f"--memory {self.memory}", tier))
         layers += extra_layers or []
         layers.append(("-o", self.common.options))
         return build_options(self.method_cls.Options, layers, self.method_name)
@@ -154,6 +165,7 @@ class VerbRun:
         dtype = getattr(torch, self.dtype_name)
         self.models = Models(cache_dir=self.cache, device=device, dtype=dtype, tiny=self.common.tiny,
                              overrides=self.cfg.models)
+        self.models.memory = self.memory
         generator = torch.Generator("cpu").manual_seed(self.seed)
         extras = dict(extras or {})
         class_dir = self.common.class_dir
@@ -186,12 +198,17 @@ class VerbRun:
     def report(self, opts_record: dict, summary: dict, method_info: dict | None = None, models=None) -> Report:
         import torch
 
+        from cloak.diffusion.memory import tier_options
+
         records = models if models is not None else (self.models.records() if hasattr(self, "models") else [])
         stand_ins = sorted({r.id for r in records if r.stand_in})
         if stand_ins:
             self.warnings.insert(0, STAND_IN_WARNING.format(ids=", ".join(stand_ins)))
         counts = {s: sum(1 for i in self.items if i.status == s) for s in ("ok", "failed", "skipped")}
         ctx = getattr(self, "ctx", None)
+        if self.memory != "default":
+            summary = {"memory": {"tier": self.memory, "options": tier_options(self.memory, self.method_cls.Options),
+                                  "models": getattr(getattr(self, "models", None), "memory_record", {})}, **summary}
         if ctx is not None and ctx.extras.get("class_images"):
             # What --effort, --class-dir and the sampler made of each method's class images.
             summary = {"class_images": ctx.extras["class_images"], **summary}

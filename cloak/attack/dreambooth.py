@@ -18,6 +18,7 @@ from cloak.diffusion import LatentCache
 from cloak.diffusion.class_images import class_images
 from cloak.diffusion.checkpoint import TrainingCheckpoint
 from cloak.diffusion.dreambooth import DreamBoothConfig, DreamBoothTrainer
+from cloak.diffusion.precision import DtypeLedger
 from cloak.io.images import ImageSet
 
 MAX_BASE_HOPS = 8  # personalized (attack --save-model) → immunized → base: follow the notes this far at most
@@ -99,13 +100,17 @@ class DreamBooth(AttackMethod):
                                     {"order": order, "cursor": cursor, "cls_order": cls_order,
                                      "cls_cursor": cls_cursor, "losses": losses})
         trainer.freeze()
-        if cfg.bf16_weights:  # [Q] trained in bf16; sample with the rounded weights at the pipeline's dtype
-            unet.to(dtype=sd.unet.dtype)
-            text_encoder.to(dtype=sd.text_encoder.dtype)
+        ledger = DtypeLedger()
+        ledger.note("frozen_weights", sd.vae.parameters())
+        ledger.note_trainer(trainer)
+        # Trained in fp32 master weights (bf16 under --compat [Q]); sampling runs at the pipeline's dtype.
+        unet.to(dtype=sd.unet.dtype)
+        text_encoder.to(dtype=sd.text_encoder.dtype)
+        ledger.note("sampling_weights", unet.parameters())
         tail = losses[-max(1, len(losses) // 10):]
         return AttackResult(unet, text_encoder, summary={
             "train_steps": steps, "resumed_at_step": start or None, "first_loss": losses[0] if losses else None,
-            "final_loss_mean_last_10pct": sum(tail) / len(tail) if losses else None,
+            "final_loss_mean_last_10pct": sum(tail) / len(tail) if losses else None, "dtypes": ledger.record(),
             **({"class_images_model": class_source} if class_source else {})})
 
     def class_image_model(self, sd):

@@ -25,7 +25,7 @@ from pydantic import Field
 
 from cloak.attack.base import AttackResult
 from cloak.attack.dreambooth import DreamBooth, DreamBoothOptions
-from cloak.diffusion.dreambooth import DreamBoothConfig, DreamBoothTrainer, make_adamw
+from cloak.diffusion.dreambooth import DreamBoothConfig, DreamBoothTrainer
 from cloak.io.images import ImageSet
 
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -49,13 +49,9 @@ class AdapterTrainer(DreamBoothTrainer):
 
     def __init__(self, sd, unet, text_encoder, cfg: DreamBoothConfig, *, params: list[torch.nn.Parameter],
                  class_latents, generator: torch.Generator):
-        super().__init__(sd, unet, text_encoder, cfg, class_latents=class_latents, generator=generator)
-        unet.requires_grad_(False)
-        text_encoder.requires_grad_(False)
-        for p in params:
-            p.requires_grad_(True)
-        self.params = params
-        self.optimizer = make_adamw(params, cfg)
+        # The adapters are the trained (fp32 master) weights; the base stays frozen in the run's dtype.
+        super().__init__(sd, unet, text_encoder, cfg, class_latents=class_latents, generator=generator,
+                         params=params)
 
     def unfreeze(self) -> None:
         for p in self.params:

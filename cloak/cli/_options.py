@@ -25,6 +25,9 @@ DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto, cpu, c
                                                   "[env CLOAK_DEVICE].", rich_help_panel=_RUN)]
 DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", help="Weight dtype: fp32 (default), bf16, fp16.",
                                                  rich_help_panel=_RUN)]
+MemoryOpt = Annotated[Optional[str], typer.Option(
+    "--memory", help="Memory tier of the fine-tuning methods: default, or low (gradient checkpointing, one image "
+    "per PGD pass, a LoRA surrogate where the method has one).", metavar="default|low", rich_help_panel=_RUN)]
 OptionOpt = Annotated[Optional[list[str]], typer.Option("--option", "-o", metavar="KEY=VALUE",
                                                         help="Method option (repeatable); `cloak methods show "
                                                         "NAME` lists them.", rich_help_panel=_RUN)]

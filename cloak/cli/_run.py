@@ -14,7 +14,7 @@ STATE_DIR = ".cloak-state"  # a verb's checkpoints inside its OUTPUT
 
 
 def common(*, method=None, model=None, tiny=False, effort=None, resolution=None, seed=None, device=None,
-           dtype=None, option=None, force=False, resume=False, keep_going=False, keep_metadata=False, compat=False,
+           dtype=None, memory=None, option=None, force=False, resume=False, keep_going=False, keep_metadata=False, compat=False,
            config=None, cache_dir=None, quiet=False, verbose=0, jsonl=False, class_dir=None):
     from cloak._verb import Common
     from cloak.methods import parse_option_pairs
@@ -25,7 +25,7 @@ def common(*, method=None, model=None, tiny=False, effort=None, resolution=None,
 
         raise UsageError("--force and --resume contradict each other; pick one")
     return Common(method=method, model=model, tiny=tiny, effort=effort, resolution=resolution, seed=seed,
-                  device=device, dtype=dtype, options=parse_option_pairs(option or []), force=force, resume=resume,
+                  device=device, dtype=dtype, memory=memory, options=parse_option_pairs(option or []), force=force, resume=resume,
                   keep_going=keep_going, keep_metadata=keep_metadata, compat=compat, config=config,
                   cache_dir=cache_dir, class_dir=str(class_dir) if class_dir is not None else None,
                   argv=["cloak", *sys.argv[1:]], progress=_output.make_progress(quiet),

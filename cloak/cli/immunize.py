@@ -67,6 +67,7 @@ def register(app: typer.Typer) -> None:
         seed: O.SeedOpt = None,
         device: O.DeviceOpt = None,
         dtype: O.DtypeOpt = None,
+        memory: O.MemoryOpt = None,
         option: O.OptionOpt = None,
         compat: O.CompatOpt = False,
         config: O.ConfigOpt = None,
@@ -84,7 +85,7 @@ def register(app: typer.Typer) -> None:
         from cloak.immunize.run import run_immunize
 
         c = common(method=method, model=model, tiny=tiny, effort=effort, resolution=resolution, seed=seed,
-                   device=device, dtype=dtype, option=option, force=force, resume=resume, compat=compat,
+                   device=device, dtype=dtype, memory=memory, option=option, force=force, resume=resume, compat=compat,
                    config=config, cache_dir=cache_dir, class_dir=class_dir, quiet=quiet, verbose=verbose, jsonl=jsonl)
         report = execute(c, lambda: run_immunize(input_dir, output_dir, safe=str(safe) if safe else None,
                                                  checkpoint_every=checkpoint_every, common=c),

@@ -95,6 +95,7 @@ def register(app: typer.Typer) -> None:
         seed: O.SeedOpt = None,
         device: O.DeviceOpt = None,
         dtype: O.DtypeOpt = None,
+        memory: O.MemoryOpt = None,
         option: O.OptionOpt = None,
         compat: O.CompatOpt = False,
         config: O.ConfigOpt = None,
@@ -112,7 +113,7 @@ def register(app: typer.Typer) -> None:
         from cloak.protect.run import run_protect
 
         c = common(method=method, model=model, tiny=tiny, effort=effort, resolution=resolution, seed=seed,
-                   device=device, dtype=dtype, option=option, force=force, resume=resume, keep_going=keep_going,
+                   device=device, dtype=dtype, memory=memory, option=option, force=force, resume=resume, keep_going=keep_going,
                    keep_metadata=keep_metadata,
                    compat=compat, config=config, cache_dir=cache_dir, class_dir=class_dir, quiet=quiet,
                    verbose=verbose, jsonl=jsonl)

@@ -5,19 +5,21 @@ One step: ``L = L_dn(θ, x_inst, c_inst) + λ·L_dn(θ, x_cls, c_cls)`` on one c
 independent (t, ε) per sample, AdamW (β 0.9/0.999, wd 1e-2, eps 1e-8), grad-norm clip 1.0, UNet and
 optionally the text encoder trained.
 
-Precision: by default the weights stay fp32 ("master") and CUDA compute runs under bf16 autocast, so
-tiny learning rates (5e-7) really move the weights. ``bf16_weights=True`` reproduces the released
-Anti-DreamBooth code, which trains bf16 weights directly and loses most updates to rounding [Q].
+Precision (cloak.diffusion.precision): the trained weights and AdamW's state stay fp32 ("master"),
+whatever ``--dtype`` the base model was loaded in, and compute runs under autocast (to ``--dtype`` when it
+is bf16/fp16, bf16 on CUDA otherwise), so tiny learning rates (5e-7) really move the weights.
+``bf16_weights=True`` (``--compat``) reproduces the released Anti-DreamBooth code, which trains bf16
+weights directly and loses most updates to rounding [Q].
 """
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
 
 from cloak.diffusion.loss import LatentCache, denoising_loss, encode_latents, encode_prompts
+from cloak.diffusion.precision import autocast_dtype, autocast_for, to_master
 
 
 @dataclass
@@ -52,33 +54,42 @@ def reset_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
                 value.zero_()
 
 
-def autocast_for(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 class DreamBoothTrainer:
-    """Fine-tunes ``unet`` (+ ``text_encoder``) in place; the caller owns (and may copy) the modules."""
+    """Fine-tunes ``unet`` (+ ``text_encoder``) in place; the caller owns (and may copy) the modules.
+
+    ``params``: train only these (adapters); the modules' other weights stay frozen in their dtype.
+    """
 
     def __init__(self, sd, unet, text_encoder, cfg: DreamBoothConfig, *, class_latents: LatentCache | None,
-                 generator: torch.Generator):
+                 generator: torch.Generator, params: list[torch.nn.Parameter] | None = None):
         self.sd = sd
         self.unet = unet
         self.text_encoder = text_encoder
         self.cfg = cfg
         self.class_latents = class_latents
         self.generator = generator
-        if cfg.bf16_weights:
+        if cfg.bf16_weights and params is None:
             unet.to(dtype=torch.bfloat16)
             text_encoder.to(dtype=torch.bfloat16)
-        unet.requires_grad_(True)
-        unet.train()
-        text_encoder.requires_grad_(cfg.train_text_encoder)
-        text_encoder.train(cfg.train_text_encoder)
-        params = list(unet.parameters())
-        if cfg.train_text_encoder:
-            params += list(text_encoder.parameters())
+        # The base model's dtype is the run's --dtype: compute is autocast to it, weights stay master.
+        self.run_dtype = sd.unet.dtype
+        self.compute_dtype = autocast_dtype(next(unet.parameters()).device, self.run_dtype)
+        if params is None:
+            unet.requires_grad_(True)
+            unet.train()
+            text_encoder.requires_grad_(cfg.train_text_encoder)
+            text_encoder.train(cfg.train_text_encoder)
+            params = list(unet.parameters())
+            if cfg.train_text_encoder:
+                params += list(text_encoder.parameters())
+        else:
+            unet.requires_grad_(False)
+            text_encoder.requires_grad_(False)
+            unet.train()
+            text_encoder.train(cfg.train_text_encoder)
+            for p in params:
+                p.requires_grad_(True)
+        to_master(params, cfg.bf16_weights)
         self.params = params
         self.optimizer = make_adamw(params, cfg)
         self._frozen_prompts: torch.Tensor | None = None
@@ -102,9 +113,10 @@ class DreamBoothTrainer:
             cls = self.class_latents.sample(class_index, self.generator)
             latents.append(cls)
             n_cls = cls.shape[0]
-        batch = torch.cat(latents).to(self.unet.dtype)
+        # fp32 latents into fp32 master weights under autocast; bf16 only for --compat's bf16 weights.
+        batch = torch.cat([z.to(self.params[0].dtype) for z in latents])
         n_inst = instance_latents.shape[0]
-        with autocast_for(batch.device):
+        with autocast_for(batch.device, self.run_dtype):
             states = self._prompt_states(n_inst, n_cls).to(batch.dtype)
             per_image = denoising_loss(self.unet, self.sd.noise_scheduler, batch, states, self.generator,
                                        reduction="none")
@@ -126,6 +138,11 @@ class DreamBoothTrainer:
 
     def reset_optimizer(self) -> None:
         reset_optimizer_state(self.optimizer)
+
+    def copy_from(self, other: DreamBoothTrainer) -> None:
+        """These weights ← ``other``'s, in place (ASPL's f' ← copy(f)); adapter trainers copy their adapters."""
+        copy_params(other.unet, self.unet)
+        copy_params(other.text_encoder, self.text_encoder)
 
     def freeze(self) -> None:
         """Switch weight gradients off (PGD against this model needs gradients for the image only)."""

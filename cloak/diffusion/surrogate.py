@@ -31,6 +31,8 @@ import torch
 from cloak.diffusion.class_images import class_image_plan, class_images, model_key
 from cloak.diffusion.dreambooth import DreamBoothConfig, DreamBoothTrainer
 from cloak.diffusion.loss import LatentCache
+from cloak.diffusion.precision import DtypeLedger, autocast_dtype, to_master
+from cloak.diffusion.precision import name as precision_name
 
 log = logging.getLogger("cloak.diffusion")
 
@@ -121,6 +123,9 @@ def cached_dreambooth(ctx, sd, clean_pixels: torch.Tensor, steps: int, cfg: Drea
     recipe = surrogate_recipe(sd, clean_pixels, steps, cfg, batch_size=batch_size,
                               n_class_images=plan.count if use_prior else 0,
                               class_image_steps=plan.steps if use_prior else 0, seed=seed)
+    compute = autocast_dtype(ctx.device, sd.unet.dtype)
+    if compute is not None:  # autocast compute trains a (slightly) different surrogate than fp32
+        recipe["compute"] = precision_name(compute)
     if use_prior:
         recipe["class_sampler"] = plan.sampler
         if plan.class_dir:
@@ -129,9 +134,8 @@ def cached_dreambooth(ctx, sd, clean_pixels: torch.Tensor, steps: int, cfg: Drea
     folder = Path(ctx.cache_dir) / "surrogates" / model_key(sd) / key
     started = time.perf_counter()
     unet, text_encoder = sd.trainable_copy()
-    if cfg.bf16_weights:
-        unet.to(dtype=torch.bfloat16)
-        text_encoder.to(dtype=torch.bfloat16)
+    # Master weights (fp32; bf16 only for --compat) before loading, so a cached fp32 surrogate stays fp32.
+    to_master(list(unet.parameters()) + list(text_encoder.parameters()), cfg.bf16_weights)
     hit = _load(folder, unet, text_encoder)
     record: dict[str, Any] = {"key": key, "path": str(folder), "cache_hit": hit, "steps": steps}
     if not hit:
@@ -145,6 +149,9 @@ def cached_dreambooth(ctx, sd, clean_pixels: torch.Tensor, steps: int, cfg: Drea
         trainer = DreamBoothTrainer(sd, unet, text_encoder, cfg, class_latents=class_latents, generator=gen)
         with ctx.progress.task("surrogate dreambooth", steps) as bar:
             losses = train_dreambooth(trainer, instances, steps, batch_size, gen, bar)
+        ledger = DtypeLedger()
+        ledger.note_trainer(trainer)
+        record["dtypes"] = ledger.record()
         del trainer  # drops the optimizer state; the modules stay with the caller
         record["final_loss"] = losses[-1] if losses else None
         _store(folder, unet, text_encoder, recipe)

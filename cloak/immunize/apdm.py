@@ -30,6 +30,8 @@ from cloak.diffusion.dreambooth import (
     reset_optimizer_state,
 )
 from cloak.diffusion.loss import training_target
+from cloak.diffusion.precision import (LOW_PRECISION, DtypeLedger, autocast_dtype, compute_label,
+                                       optimizer_state_dtypes)
 from cloak.errors import InputError, UsageError
 from cloak.immunize.base import Checkpoints, ImmunizeMethod, ImmunizeResult, ShuffledLoader, paired_safe_images
 from cloak.io.images import ImageSet
@@ -178,6 +180,7 @@ class Apdm(ImmunizeMethod):
             "prompts": {"instance": self.instance_prompt, "class": self.class_prompt},
             "history": {k: [round(h[k], 6) for h in history] for k in (history[0] if history else {})},
             **peak_memory(ctx.device),
+            "dtypes": self.dtype_record(),
         }
         return ImmunizeResult(theta, summary, safe_paths)
 
@@ -205,7 +208,10 @@ class Apdm(ImmunizeMethod):
         mask = self.transfer_mask(self.theta)
         self.dst = [p for p, keep in zip(self.theta.parameters(), mask) if keep]
         self.src = [p for p, keep in zip(self.scratch.parameters(), mask) if keep]
-        self.autocast = autocast_for(ctx.device) if o.autocast else contextlib.nullcontext()
+        # A low-precision --dtype always autocasts (θ_ref is the base UNet in that dtype; θ, θ' are fp32 masters).
+        low = ctx.dtype in LOW_PRECISION
+        self.autocast = autocast_for(ctx.device, ctx.dtype) if o.autocast or low else contextlib.nullcontext()
+        self.compute_dtype = autocast_dtype(ctx.device, ctx.dtype) if o.autocast or low else None
         return safe_paths
 
     def accumulate(self, inner: int) -> torch.Tensor:
@@ -282,6 +288,16 @@ class Apdm(ImmunizeMethod):
         return mask
 
     # --- the two paths ---------------------------------------------------------------------------
+    def dtype_record(self) -> dict[str, str]:
+        """Which tensors ran in which dtype, read off the tensors themselves."""
+        ledger = DtypeLedger()
+        ledger.note("frozen_weights", self.sd.unet.parameters())
+        ledger.note("trained_weights", self.theta.parameters())
+        ledger.note("trained_optimizer_state", optimizer_state_dtypes(self.opt))
+        ledger.note("scratch_weights", self.scratch.parameters())
+        ledger.note("compute", compute_label(self.compute_dtype, self.theta.parameters()))
+        return ledger.record()
+
     def _states(self, prompt: torch.Tensor, n: int) -> torch.Tensor:
         return prompt.expand(n, *prompt.shape[1:])
 

@@ -181,6 +181,8 @@ class Models:
         self.cache_dir = Path(cache_dir)
         self.device = torch.device(device)
         self.dtype = dtype
+        self.memory = "default"  # --memory: "low" turns on gradient checkpointing in every SD loaded
+        self.memory_record: dict[str, Any] = {}
         self.tiny = tiny
         self.overrides = overrides or {}
         self._memo: dict[tuple, Any] = _warm_memo if _warm_memo is not None else {}
@@ -279,6 +281,10 @@ class Models:
             module.requires_grad_(False)
             module.eval()
             module.to(self.device, dtype=self.dtype)
+        if self.memory == "low":
+            from cloak.diffusion.memory import apply_low_memory
+
+            self.memory_record[model_id] = apply_low_memory(unet, vae)
         return SDModel(model_id, path, vae, unet, text_encoder, tokenizer, noise_scheduler, stand_in,
                        self.device, self.dtype, digest=self.digest(path))
 

@@ -5,6 +5,8 @@ from cloak.registry import Registry
 PROTECT = Registry("protect")
 PROTECT.register_lazy("aspl", "cloak.protect.aspl:Aspl",
                       "Anti-DreamBooth ASPL: alternate surrogate DreamBooth and PGD (Le+ ICCV'23)")
+PROTECT.register_lazy("aspl-lora", "cloak.protect.aspl_lora:AsplLora",
+                      "Anti-DreamBooth ASPL against a DreamBooth-LoRA surrogate (rank 4; attacks/aspl_lora.py)")
 PROTECT.register_lazy("advdm", "cloak.protect.advdm:AdvDM",
                       "AdvDM: PGD ascent on the frozen LDM's denoising loss (Liang+ ICML'23)")
 PROTECT.register_lazy("photoguard", "cloak.protect.photoguard:PhotoGuard",

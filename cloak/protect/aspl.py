@@ -32,7 +32,9 @@ from cloak.adversarial import pgd_step
 from cloak.adversarial.groups import Groups, center_crop, loss_and_grad, loss_value, square_crops
 from cloak.diffusion import Draw, LatentCache, encode_latents, encode_prompts, sample_noise, training_target
 from cloak.diffusion.class_images import class_images
-from cloak.diffusion.dreambooth import DreamBoothConfig, DreamBoothTrainer, autocast_for, copy_params
+from cloak.diffusion.dreambooth import DreamBoothConfig, DreamBoothTrainer, autocast_for
+from cloak.diffusion.lora_surrogate import LoraSurrogateOptions
+from cloak.diffusion.precision import PIXEL_DTYPE, DtypeLedger
 from cloak.diffusion.surrogate import SnapshotPool
 from cloak.io.images import ImageSet
 from cloak.methods import MethodOptions
@@ -119,11 +121,12 @@ def ddpm_prev_sample(scheduler, model_output: torch.Tensor, timesteps: torch.Ten
 class Aspl(ProtectMethod):
     paper = "Le et al., Anti-DreamBooth, ICCV 2023 (arXiv 2303.15433)"
     implements = ("ASPL per VinAIResearch/Anti-DreamBooth attacks/aspl.py, E-ASPL per attacks/ensemble_aspl.py "
-                  "(-o models=...), T-ASPL with a target image; fp32 surrogate weights unless --compat")
+                  "(-o models=...), T-ASPL with a target image; fp32 surrogate master weights and fp32 "
+                  "perturbations under any --dtype (bf16: autocast compute), bf16 weights only with --compat")
     uses_ref = True
     steps_option = "iterations"
 
-    class Options(TargetOptions, SurrogateOptions):
+    class Options(TargetOptions, SurrogateOptions, LoraSurrogateOptions):
         iterations: int = Field(50, ge=0, description="outer ASPL iterations N")
         surrogate_steps: int = Field(3, ge=0, description="DreamBooth steps per surrogate update (n)")
         pgd_steps: int = Field(6, ge=0, description="PGD steps per iteration (K)")
@@ -152,7 +155,7 @@ class Aspl(ProtectMethod):
     # --- the run --------------------------------------------------------------------------------
     def __call__(self, images: ImageSet) -> ProtectResult:
         ctx = self.ctx
-        x0 = Groups.of(images, ctx.device, ctx.dtype)
+        x0 = Groups.of(images, ctx.device, PIXEL_DTYPE)  # fp32 whatever --dtype: bf16 would round α-steps away
         clean = self.clean_set(images)
         ids = self.model_ids()
         if len(ids) > 1:
@@ -212,7 +215,7 @@ class Aspl(ProtectMethod):
         ctx = self.ctx
         self._crop_size = self.crop_size(images)
         source = ctx.ref if ctx.ref is not None else images
-        return square_crops(source, self._crop_size, ctx.device, ctx.dtype)
+        return square_crops(source, self._crop_size, ctx.device, PIXEL_DTYPE)
 
     def save_snapshot(self, x: Groups, count: int, unit: str) -> None:
         """Hand the set to the verb's writer after every ``save_every`` units (iterations, or FSMG's steps)."""
@@ -226,8 +229,7 @@ class Aspl(ProtectMethod):
         n_f, n_pgd = ctx.iters(o.surrogate_steps), ctx.iters(o.pgd_steps)
         ref_latents, cursors = state["ref"], state["cursors"]
         # f' ← DB(copy(f), A_clean, n): weights copied into a preallocated twin, optimizer state zeroed.
-        copy_params(surrogate.unet, learner.unet)
-        copy_params(surrogate.text_encoder, learner.text_encoder)
+        learner.copy_from(surrogate)
         learner.reset_optimizer()
         learner.unfreeze()
         cursors[0] = self.tune(learner, ref_latents.sample, len(ref_latents), n_f, cursors[0])
@@ -242,7 +244,8 @@ class Aspl(ProtectMethod):
     def summary(self, history: list[float]) -> dict[str, Any]:
         out: dict[str, Any] = {"final_pgd_loss": history[-1] if history else None,
                                "clean_reference": "ref" if self.ctx.ref is not None else "input",
-                               "pgd_steps": self.pgd_steps_done, "surrogate_weights": self.weights_note()}
+                               "pgd_steps": self.pgd_steps_done, "surrogate_weights": self.weights_note(),
+                               "dtypes": self.dtype_record()}
         if self._target_latents is not None:
             out["targeted"] = self._target_record
         if len(self.model_ids()) > 1:
@@ -250,8 +253,32 @@ class Aspl(ProtectMethod):
         return out
 
     def weights_note(self) -> str:
-        return "bf16 weights trained directly (--compat, as released)" if self.ctx.compat else \
-            "fp32 master weights"
+        """What the trained weights were, read off the run's dtype record (not off the flags)."""
+        trained = self.dtype_record().get("trained_weights", "float32")
+        if "bfloat16" in trained:
+            return "bf16 weights trained directly (--compat, as released)"
+        return f"{trained} master weights"
+
+    @property
+    def dtypes(self) -> DtypeLedger:
+        """Dtypes seen in this run: trained copies, their optimizer state, compute, perturbation, gradient."""
+        if "_dtypes" not in self.__dict__:
+            self._dtypes = DtypeLedger()
+        return self._dtypes
+
+    def dtype_record(self) -> dict[str, str]:
+        """The report's ``dtypes``: the trainers this run made, as they are at its end, plus what PGD saw."""
+        for trainer in self.__dict__.get("_trainers", []):
+            self.dtypes.note_trainer(trainer)
+        sd = self.__dict__.get("_sd")
+        if sd is not None:
+            self.dtypes.note("frozen_weights", sd.vae.parameters())
+        return self.dtypes.record()
+
+    def track(self, sd, *trainers: DreamBoothTrainer) -> None:
+        """Register the base model and trainers whose dtypes the report records."""
+        self._sd = sd
+        self.__dict__.setdefault("_trainers", []).extend(t for t in trainers if t not in self._trainers)
 
     def total_pgd_steps(self) -> int:
         """K: PGD steps of the whole run (every ensemble member's steps count), for CAP's k̂ = K/2."""
@@ -285,11 +312,27 @@ class Aspl(ProtectMethod):
         self._ref_latents = LatentCache.encode(sd.vae, clean)
         self._n_class = len(class_latents) if class_latents is not None else 0
         cfg, gen = self.db_config(), self.ctx.generator
-        pair = []
-        for _ in range(2):
-            unet, te = sd.trainable_copy()
-            pair.append(DreamBoothTrainer(sd, unet, te, cfg, class_latents=class_latents, generator=gen))
+        if getattr(self.opts, "surrogate", "full") == "lora":
+            pair = self.lora_pair(sd, cfg, class_latents)
+        else:
+            pair = []
+            for _ in range(2):
+                unet, te = sd.trainable_copy()
+                pair.append(DreamBoothTrainer(sd, unet, te, cfg, class_latents=class_latents, generator=gen))
+        self.track(sd, *pair)
         return pair[0], pair[1]
+
+    def lora_pair(self, sd, cfg: DreamBoothConfig, class_latents) -> list[DreamBoothTrainer]:
+        """(f', f) as two LoRA adapter sets on the shared base (-o surrogate=lora) [PROP]; aspl-lora
+        overrides this with the released single set."""
+        if self.model_ids()[1:]:
+            from cloak.errors import UsageError
+
+            raise UsageError(f"{self.name}: -o surrogate=lora does not combine with an E-ASPL ensemble (-o models=)")
+        from cloak.diffusion.lora_surrogate import lora_trainers
+
+        return lora_trainers(sd, ("learner", "surrogate"), cfg, rank=self.opts.lora_rank,
+                             class_latents=class_latents, generator=self.ctx.generator)
 
     def tune(self, trainer: DreamBoothTrainer, sample, n_images: int, steps: int, cursor: int) -> int:
         """``steps`` DreamBooth steps on one instance image each (+1 class image), as aspl.py does.
@@ -356,7 +399,7 @@ class Aspl(ProtectMethod):
         scheduler = sd.noise_scheduler
         n = latents.shape[0]
         dt = next(unet.parameters()).dtype  # bf16 under --compat (weights trained in bf16, as released)
-        with autocast_for(latents.device):
+        with autocast_for(latents.device, self.ctx.dtype):
             noisy = scheduler.add_noise(latents, draw.noise.to(latents.dtype), draw.timesteps)
             pred = unet(noisy.to(dt), draw.timesteps, text.to(dt).expand(n, *text.shape[1:])).sample
         target = training_target(scheduler, latents, draw.noise.to(latents.dtype), draw.timesteps)
@@ -386,7 +429,10 @@ class Aspl(ProtectMethod):
     def loss_and_grad(self, x: Groups, loss_fn) -> tuple[float, Groups]:
         """The step's loss (the mean over the set) and ∇ₓ of it, bucket by bucket and in ``pgd_batch``
         chunks when asked (cloak.adversarial.groups.loss_and_grad)."""
-        return loss_and_grad(x, loss_fn, self.chunks)
+        loss, grad = loss_and_grad(x, loss_fn, self.chunks)
+        self.dtypes.note("perturbation", x.parts)
+        self.dtypes.note("perturbation_grad", grad.parts)
+        return loss, grad
 
     def loss_value(self, x: Groups, loss_fn) -> float:
         """The step's loss at ``x`` without a gradient (CAP's candidates), pieced like ``loss_and_grad``."""
@@ -410,7 +456,7 @@ class Aspl(ProtectMethod):
         res = self.ctx.resolution or sd.resolution
         latents = []
         for shape in (x0.shapes if x0 is not None else [(res, res)]):
-            pixels = load_target(path, shape).to(self.ctx.device, self.ctx.dtype)
+            pixels = load_target(path, shape).to(self.ctx.device, PIXEL_DTYPE)
             with torch.no_grad():
                 latents.append(encode_latents(sd.vae, pixels, self.ctx.generator))
         self._target_latents = latents
@@ -474,6 +520,7 @@ class Aspl(ProtectMethod):
                 pair.append(DreamBoothTrainer(sd, unet, te, cfg, class_latents=m.class_latents,
                                               generator=ctx.generator))
             pairs[m.arch] = (pair[0], pair[1])
+            self.track(sd, *pair)
             fresh = True
         else:
             fresh = False

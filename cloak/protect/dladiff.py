@@ -38,6 +38,7 @@ from cloak.diffusion import Draw, LatentCache, denoising_loss, encode_latents, e
 from cloak.diffusion.attention import CrossAttentionRecorder, default_resolution
 from cloak.diffusion.class_images import class_images
 from cloak.diffusion.dreambooth import DreamBoothConfig, DreamBoothTrainer, autocast_for
+from cloak.diffusion.precision import PIXEL_DTYPE, DtypeLedger
 from cloak.diffusion.surrogate import cached_dreambooth
 from cloak.io.images import ImageSet, to_uint8
 from cloak.protect.aspl import SurrogateOptions
@@ -146,7 +147,7 @@ class DLADiff(ProtectMethod):
 
     def __call__(self, images: ImageSet) -> ProtectResult:
         ctx, o = self.ctx, self.opts
-        x0 = Groups.of(images, ctx.device, ctx.dtype)
+        x0 = Groups.of(images, ctx.device, PIXEL_DTYPE)  # fp32 perturbations whatever --dtype
         records: list[dict] = [{} for _ in range(len(x0))]
         summary: dict = {"implementation": LABEL, "layers": list(o.layers), "budget": self.budget_record()}
         x = x0.clone()
@@ -154,7 +155,7 @@ class DLADiff(ProtectMethod):
         if "ft" in o.layers:
             self._crop_size = ctx.resolution or min(min(shape) for shape in x0.shapes)
             source = ctx.ref if ctx.ref is not None else images
-            clean = square_crops(source, self._crop_size, ctx.device, ctx.dtype)
+            clean = square_crops(source, self._crop_size, ctx.device, PIXEL_DTYPE)
             x, summary["layer_ft"] = self.layer_ft(x0, clean, checkpoint)
             summary["clean_reference"] = "ref" if ctx.ref is not None else "input"
         if "zs" in o.layers:
@@ -221,12 +222,19 @@ class DLADiff(ProtectMethod):
                                      "optimizer": dynamic.optimizer.state_dict()},
                                     {"cursor": cursor, "losses": [att_loss, pgd_loss, db_loss]})
                 bar.advance(1, status=f"att {att_loss:.4f} pgd {pgd_loss:.4f}")
+        dtypes = DtypeLedger()
+        dtypes.note("frozen_weights", sd.vae.parameters())
+        dtypes.note("static_surrogate_weights", static_unet.parameters())
+        dtypes.note_trainer(dynamic)
+        dtypes.note("perturbation", x.parts)
         return x.detach(), {
             "epochs": epochs, "attention_steps": n_att, "surrogate_steps": n_db, "pgd_steps": n_pgd,
             "attention_resolution": resolution, "static_surrogate": static_info,
             "attention_norm": o.attention_norm, "final_attention_objective": att_loss,
-            "final_attention_term": self.attention_terms[-1] if getattr(self, "attention_terms", None) else None, "final_pgd_loss": pgd_loss, "final_surrogate_loss": db_loss,
-            "surrogate_precision": "bf16 weights (--compat)" if ctx.compat else "fp32 master weights"}
+            "final_attention_term": self.attention_terms[-1] if getattr(self, "attention_terms", None) else None,
+            "final_pgd_loss": pgd_loss, "final_surrogate_loss": db_loss,
+            "surrogate_precision": "bf16 weights (--compat)" if ctx.compat else "fp32 master weights",
+            "dtypes": dtypes.record()}
 
     def dynamic_surrogate(self, sd, cfg: DreamBoothConfig) -> DreamBoothTrainer:
         """A trainable copy of the base that follows the protected images (ADFT's dynamic surrogate)."""
@@ -261,7 +269,7 @@ class DLADiff(ProtectMethod):
     def denoising(self, sd, unet, text, pixels: torch.Tensor, draw: Draw) -> torch.Tensor:
         latents = encode_latents(sd.vae, pixels, posterior_noise=draw.posterior_noise)
         dt = next(unet.parameters()).dtype  # bf16 under --compat (surrogate weights trained in bf16, as released)
-        with autocast_for(latents.device):
+        with autocast_for(latents.device, self.ctx.dtype):
             return denoising_loss(unet, sd.noise_scheduler, latents.to(dt), text.to(dt), self.ctx.generator,
                                   timesteps=draw.timesteps, noise=draw.noise.to(dt))
 

@@ -13,6 +13,7 @@ from typing import ClassVar
 from pydantic import Field
 
 from cloak.adversarial.groups import Groups
+from cloak.diffusion.precision import PIXEL_DTYPE
 from cloak.diffusion.surrogate import cached_dreambooth
 from cloak.io.images import ImageSet
 from cloak.protect.aspl import Aspl, SurrogateOptions, TargetOptions, pgd_batch_field, save_every_field
@@ -44,7 +45,7 @@ class Fsmg(Aspl):
     def __call__(self, images: ImageSet) -> ProtectResult:
         ctx, o = self.ctx, self.opts
         sd = ctx.models.sd(ctx.model)
-        x0 = Groups.of(images, ctx.device, ctx.dtype)
+        x0 = Groups.of(images, ctx.device, PIXEL_DTYPE)
         clean = self.clean_set(images)
         info: dict = {}
         unet, text_encoder = cached_dreambooth(
@@ -72,6 +73,10 @@ class Fsmg(Aspl):
                     checkpoint.save(self.pgd_steps_done, steps, ctx.generator, {"x": x.parts},
                                     {"history": history, **self.loop_state()})
         checkpoint.clear()
+        self._sd = sd
+        self.dtypes.note("trained_weights", unet.parameters())  # θ_ref as trained (or loaded from the cache)
+        for role, value in info.pop("dtypes", {}).items():
+            self.dtypes.note(role, value)
         summary = self.summary(history if steps else [])
         summary["surrogate"] = info
         return ProtectResult(x.result(), summary=summary)

@@ -21,6 +21,7 @@ from pydantic import Field
 from cloak.adversarial.eot import metacloak_transforms
 from cloak.diffusion import LatentCache, encode_prompts
 from cloak.diffusion.dreambooth import DreamBoothTrainer
+from cloak.diffusion.precision import PIXEL_DTYPE
 from cloak.diffusion.surrogate import SnapshotPool
 from cloak.adversarial.groups import Groups, square_crops
 from cloak.io.images import ImageSet
@@ -70,9 +71,9 @@ class MetaCloak(Aspl):
             raise UsageError(f"metacloak: blur_kernel must be odd, got {o.blur_kernel}")
         sd = ctx.models.sd(ctx.model)
         self.prepare_target(sd, None)  # warns if --target-image was given: MetaCloak has no targeted variant
-        x0 = Groups.of(images, ctx.device, ctx.dtype)
+        x0 = Groups.of(images, ctx.device, PIXEL_DTYPE)
         self._crop_size = self.crop_size(images)
-        crops = square_crops(images, self._crop_size, ctx.device, ctx.dtype)  # what the pool trains on
+        crops = square_crops(images, self._crop_size, ctx.device, PIXEL_DTYPE)  # what the pool trains on
         # EoT resizes every working copy's short side to the resolution and centre-crops a square, so the
         # loss sees res×res images whatever the bucket; each bucket draws its own blur σ and flip per step
         # (torchvision draws one per batched call, and each bucket is one call).
@@ -83,6 +84,7 @@ class MetaCloak(Aspl):
         unet, te = sd.trainable_copy()
         learner = DreamBoothTrainer(sd, unet, te, self.db_config(), class_latents=class_latents,
                                     generator=ctx.generator)
+        self.track(sd, learner)
         pool, pool_steps = self.build_pool(learner, crops)
         rounds = self.rounds()
         trials, n_pgd, n_adv = ctx.iters(o.trials), ctx.iters(o.pgd_steps), ctx.iters(o.advance_steps)

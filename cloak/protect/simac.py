@@ -28,6 +28,7 @@ from cloak.adversarial import pgd_step
 from cloak.adversarial.groups import Groups
 from cloak.diffusion import Draw, LatentCache, denoising_loss, encode_latents, encode_prompts, sample_noise
 from cloak.diffusion.dreambooth import autocast_for
+from cloak.diffusion.lora_surrogate import LoraSurrogateOptions
 from cloak.protect.aspl import Aspl, SurrogateOptions, pgd_batch_field, save_every_field
 
 
@@ -65,7 +66,7 @@ class Simac(Aspl):
     steps_option = "iterations"
     proposals: ClassVar[tuple[str, ...]] = ("feature_weight", "feature_anchor")
 
-    class Options(SurrogateOptions):
+    class Options(SurrogateOptions, LoraSurrogateOptions):
         eps: float = Field(16 / 255, ge=0, description="ℓ∞ budget (released: 16/255 in [-1,1] = 8/255 in [0,1])",
                            json_schema_extra={"unit": "unit"})
         alpha: float = Field(0.005, ge=0, description="PGD step size", json_schema_extra={"unit": "unit"})
@@ -166,7 +167,7 @@ class Simac(Aspl):
         d = Draw.sample(x.shape[0], self.latent_shape(sd, x), sd.noise_scheduler, self.ctx.generator, x.device,
                         timesteps=timesteps.to(x.device))
         latents = encode_latents(sd.vae, x, posterior_noise=d.posterior_noise)
-        with autocast_for(latents.device):
+        with autocast_for(latents.device, self.ctx.dtype):
             per_image = denoising_loss(sd.unet, sd.noise_scheduler, latents, text.to(latents.dtype),
                                        self.ctx.generator, timesteps=d.timesteps, noise=d.noise, reduction="none")
         (grad,) = torch.autograd.grad(per_image.sum(), x)
@@ -210,7 +211,7 @@ class Simac(Aspl):
             mean, std = (cache.mean, cache.std) if rows is None else (cache.mean[rows], cache.std[rows])
             z = (mean + std * draw.extra["clean_posterior_noise"].to(mean.dtype)) * cache.scaling
             dt = next(unet.parameters()).dtype
-            with autocast_for(z.device):
+            with autocast_for(z.device, self.ctx.dtype):
                 noisy = sd.noise_scheduler.add_noise(z, draw.noise.to(z.dtype), draw.timesteps)
                 unet(noisy.to(dt), draw.timesteps, text.to(dt).expand(z.shape[0], *text.shape[1:]))
         term = F.mse_loss(feats, clean_tap.features())
