@@ -3,7 +3,7 @@
 
 Both run the same PGD on the same frozen model; SDS drops the UNet's backward pass. Per method, in its own
 process (so the peak memory is its own):
-  flops_step   floating-point operations of one PGD step of the whole set (torch.utils.flop_counter;
+  flops_step   floating-point operations of one PGD step of the whole set (torch.utils.flop_counter's formulas;
                (FLOPs of a 3-step run − FLOPs of a 1-step run) / 2, so model loading and prompt encoding
                cancel). Does not depend on the machine's load.
   peak_mb      CUDA max_memory_allocated, or on CPU the peak RSS above the post-import baseline
@@ -55,11 +55,31 @@ class _Clock:
         return Task()
 
 
+def flop_counter():
+    """A dispatch mode that adds up torch's FLOP formulas (matmul, conv, attention, …) of every op it sees.
+
+    FlopCounterMode itself tracks modules with backward hooks that torch.autograd.grad (the PGD step) rejects."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.flop_counter import flop_registry
+
+    class Counter(TorchDispatchMode):
+        total = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            out = func(*args, **kwargs)
+            formula = flop_registry.get(func._overloadpacket)
+            if formula is not None:
+                self.total += formula(*args, **kwargs, out_val=out)
+            return out
+
+    return Counter()
+
+
 def run_method(model_id: str, method: str, n_images: int, steps: int, cache: str) -> dict:
     import diffusers  # noqa: F401  (imported before the baseline RSS)
     import torch
     import transformers  # noqa: F401
-    from torch.utils.flop_counter import FlopCounterMode
 
     from cloak.methods import build_options
     from cloak.protect import PROTECT
@@ -77,10 +97,10 @@ def run_method(model_id: str, method: str, n_images: int, steps: int, cache: str
 
     flops = []
     for n in (1, 3):
-        counter = FlopCounterMode(display=False)
+        counter = flop_counter()
         with counter:
             run(n, _Clock())
-        flops.append(counter.get_total_flops())
+        flops.append(counter.total)
     clock = _Clock()
     if device.type == "cuda":
         clock.sync = torch.cuda.synchronize
