@@ -11,6 +11,10 @@ process (so the peak memory is its own):
 
     python benchmarks/bench_sds.py                      # mid-sd (128 px), 4 images
     python benchmarks/bench_sds.py --model sd21-shaped  # the real SD 2.1-base shapes, random weights
+
+Seen on a loaded 2-core CPU (wall times there are not valid): mid-sd, 1 image, 128 px — 6.67 vs 4.98 GFLOP per
+step (SDS ×0.75), peak RSS 434 vs 368 MB (×0.85); tiny-sd, 2 images, 64 px — ×0.94 FLOPs (its VAE dominates).
+At SD's real size the UNet dominates, so the saving should grow toward the UNet's backward share.
 """
 
 from __future__ import annotations
