@@ -4,7 +4,8 @@ Efficacy on tiny-sd, against ±ε random-sign noise of the same budget, on each 
 recomputed here from the saved 8-bit PNGs with the stand-in model (not what the method reports):
 * SDS(+) raises, SDS(−) lowers the score-distillation loss (to first order, on 32 fixed draws; L_dn itself
   is not what SDS follows on a random UNet); SDS-T lowers r·L_SDS + L_tex likewise.
-* PID pushes the VAE posterior away from the clean image's (its default add-log distance).
+* PID pushes the VAE posterior away from the clean image's (seen, 8 steps: add-log 0.313 vs 0.031 for noise;
+  kl at 20 steps 9.95 vs 0.011).
 Runs are in-process (run_protect) to keep the tiny model loaded once.
 """
 
