@@ -62,7 +62,7 @@ def random_image_set(n_images: int, resolution: int, generator):
 
     pixels = torch.rand(n_images, 3, resolution, resolution, generator=generator).mul(2).sub(1)
     items = [ImageItem(f"img{i}", Path(f"img{i}.png"), (resolution, resolution), "") for i in range(n_images)]
-    return ImageSet(items, pixels)
+    return ImageSet(items, list(pixels))  # one 3×H×W tensor per image
 
 
 def timed(fn, repeats: int, device, warmup: int = 1) -> float:

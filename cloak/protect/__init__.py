@@ -23,3 +23,11 @@ PROTECT.register_lazy("dladiff", "cloak.protect.dladiff:DLADiff",
                       "DLADiff: dual surrogates + attention disruption, then PGD vs identity encoders (Jia+ 2025)")
 PROTECT.register_lazy("cap", "cloak.protect.cap:Cap",
                       "CAP: cross-image Gram-style consistency plug-in on aspl/fsmg/simac (Wang+ 2025)")
+PROTECT.register_lazy("sds-minus", "cloak.protect.sds:SDSMinus",
+                      "SDS(−): descend L_dn with the score-distillation gradient, encoder only (Xue+ ICLR'24)")
+PROTECT.register_lazy("sds-plus", "cloak.protect.sds:SDSPlus",
+                      "SDS(+): ascend L_dn with the score-distillation gradient, encoder only (Xue+ ICLR'24)")
+PROTECT.register_lazy("sds-t", "cloak.protect.sds:SDST",
+                      "SDS-T: SDS(−) + textural pull to a target (Xue+ ICLR'24)")
+PROTECT.register_lazy("pid", "cloak.protect.pid:PID",
+                      "PID: push the VAE posterior away from the clean one, encoder only (Li+ ICML'24)")
