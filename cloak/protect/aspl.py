@@ -228,13 +228,13 @@ class Aspl(ProtectMethod):
         # f' ← DB(copy(f), A_clean, n): weights copied into a preallocated twin, optimizer state zeroed.
         copy_params(surrogate.unet, learner.unet)
         copy_params(surrogate.text_encoder, learner.text_encoder)
-        learner.reset_optimizer()
+        learner.reset_optimizer(take_from=surrogate)  # f' and f take turns with one set of AdamW moments
         learner.unfreeze()
         cursors[0] = self.tune(learner, ref_latents.sample, len(ref_latents), n_f, cursors[0])
         learner.freeze()
         x, loss = self.pgd(sd, learner.unet, learner.text_encoder, x, x0, n_pgd, o.eps_m11, o.alpha_m11)
         # f ← DB(f, x, n): the surrogate follows the poisoned learner (on square crops of the working copies).
-        surrogate.reset_optimizer()
+        surrogate.reset_optimizer(take_from=learner)
         poison = _PixelLatents(surrogate, x.detach(), self._crop_size)
         cursors[1] = self.tune(surrogate, poison.sample, len(x), n_f, cursors[1])
         return x, loss

@@ -1,0 +1,109 @@
+"""Speed and memory changes that must not change a result (issue 16): each optimised path against the
+straightforward one it replaces, bytes equal at fp32."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import torch
+
+from cloak.diffusion import dreambooth
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: with two threads on two busy cores OpenMP barriers spin (see test_protect_family)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _aspl(cache, **opts):
+    from cloak._progress import Progress
+    from cloak.methods import RunContext
+    from cloak.models.handle import Models
+    from cloak.protect.aspl import Aspl
+
+    ctx = RunContext(models=Models(cache_dir=cache, tiny=True), model="tiny-sd", device=torch.device("cpu"),
+                     dtype=torch.float32, seed=0, generator=torch.Generator().manual_seed(0), resolution=64,
+                     cache_dir=cache, progress=Progress())
+    method = Aspl(Aspl.Options(**{"iterations": 2, "surrogate_steps": 2, "pgd_steps": 2, "class_images": 2,
+                                  **opts}), ctx)
+    method.name = "aspl"
+    return method
+
+
+def _digest(*tensors) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def test_aspl_shared_optimizer_state_and_freed_grads_change_nothing(shared_cache, image_dir, monkeypatch):
+    """f' and f hand one set of AdamW moments back and forth and free their weight gradients after each
+    step (issue 16 §1, peak memory): the protected set and f's weights are the bytes the old path gives,
+    where each trainer kept its own moments and its gradients lived until its next step."""
+    from cloak.io.images import read_images
+    from cloak.protect import aspl
+
+    images = read_images(image_dir, 64)
+    pairs = []
+
+    def keep_pair(orig):
+        def wrapped(self, *a, **kw):
+            pair = orig(self, *a, **kw)
+            pairs.append(pair)
+            return pair
+        return wrapped
+
+    monkeypatch.setattr(aspl.Aspl, "surrogate_pair", keep_pair(aspl.Aspl.surrogate_pair))
+    new = _aspl(shared_cache)(images)
+    learner, surrogate = pairs[-1]
+    # The memory claims: one set of moments between the two trainers, no weight gradient left over.
+    assert not learner.optimizer.state and len(surrogate.optimizer.state) == len(surrogate.params)
+    assert all(p.grad is None for p in learner.params + surrogate.params)
+    new_weights = _digest(*surrogate.params)
+
+    # The old path: each trainer resets (and keeps) its own state; gradients are freed only at the next step.
+    def old_reset(self, take_from=None):
+        dreambooth.reset_optimizer_state(self.optimizer)
+
+    zero_grad = torch.optim.Optimizer.zero_grad
+    calls = {"n": 0}
+
+    def old_zero_grad(self, set_to_none=True):
+        calls["n"] += 1
+        if calls["n"] % 2 == 0:  # the second call of each step is the new early free: skip it
+            return None
+        return zero_grad(self, set_to_none)
+
+    monkeypatch.setattr(dreambooth.DreamBoothTrainer, "reset_optimizer", old_reset)
+    monkeypatch.setattr(torch.optim.AdamW, "zero_grad", old_zero_grad)
+    old = _aspl(shared_cache)(images)
+    learner, surrogate = pairs[-1]
+    assert learner.optimizer.state and any(p.grad is not None for p in surrogate.params)  # really the old path
+    assert _digest(*old.pixels) == _digest(*new.pixels)
+    assert _digest(*surrogate.params) == new_weights
+
+
+def test_reset_optimizer_take_from_moves_state_and_zeroes_it():
+    cfg = dreambooth.DreamBoothConfig(lr=1e-3)
+    a, b = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    opt_a, opt_b = dreambooth.make_adamw(a.parameters(), cfg), dreambooth.make_adamw(b.parameters(), cfg)
+    a(torch.ones(1, 3)).sum().backward()
+    opt_a.step()
+    moments = [opt_a.state[p]["exp_avg"] for p in a.parameters()]
+
+    class T:  # the two attributes reset_optimizer reads
+        def __init__(self, module, opt):
+            self.params, self.optimizer = list(module.parameters()), opt
+
+    ta, tb = T(a, opt_a), T(b, opt_b)
+    dreambooth.DreamBoothTrainer.reset_optimizer(tb, take_from=ta)
+    assert not opt_a.state
+    for p, m in zip(b.parameters(), moments):
+        assert opt_b.state[p]["exp_avg"] is m  # the same tensors, not copies
+        assert not any(v.any() for v in opt_b.state[p].values() if torch.is_tensor(v))
