@@ -107,3 +107,36 @@ def test_reset_optimizer_take_from_moves_state_and_zeroes_it():
     for p, m in zip(b.parameters(), moments):
         assert opt_b.state[p]["exp_avg"] is m  # the same tensors, not copies
         assert not any(v.any() for v in opt_b.state[p].values() if torch.is_tensor(v))
+
+
+def test_metacloak_pgd_batch_gives_the_whole_set_step_in_chunks(tmp_path):
+    """MetaCloak's PGD through the EoT transforms takes -o pgd_batch too (issue 16 §4): each chunk gets its
+    own rows of every per-image draw, so 3 images in chunks of 2 equal the one-batch run up to UNet rounding."""
+    import numpy as np
+    from conftest import pngs, write_images
+
+    from cloak.api import Common, run_protect
+
+    images = write_images(tmp_path / "in", n=3)
+    outputs = {}
+    for batch in (0, 2):
+        options = {"class_images": "0", "pgd_batch": str(batch), "trials": "1", "pool_steps": "2",
+                   "snapshot_interval": "1", "advance_steps": "1", "pgd_steps": "2"}
+        run_protect(images, tmp_path / f"out{batch}", common=Common(method="metacloak", tiny=True, argv=[],
+                                                                   options=options))
+        outputs[batch] = pngs(tmp_path / f"out{batch}")
+    for name, whole in outputs[0].items():
+        diff = np.abs(whole.astype(int) - outputs[2][name].astype(int))
+        assert (diff == 0).mean() > 0.95, (name, (diff == 0).mean())
+
+
+def test_eot_rows_cuts_per_image_draws_and_keeps_per_set_ones():
+    from cloak.diffusion import Draw
+    from cloak.protect.metacloak import _eot_rows
+
+    n = 3
+    draw = Draw(torch.arange(n), torch.randn(n, 4, 2, 2), torch.randn(n, 4, 2, 2))
+    params = [None, torch.tensor([0.7]), torch.tensor([True]), torch.rand(n, 4)]
+    cut, cut_draw = _eot_rows((params, draw), slice(1, 3))
+    assert cut[0] is None and cut[1] is params[1] and cut[2] is params[2]
+    assert torch.equal(cut[3], params[3][1:3]) and torch.equal(cut_draw.timesteps, torch.arange(1, 3))
