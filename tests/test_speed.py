@@ -42,10 +42,11 @@ def _digest(*tensors) -> str:
     return h.hexdigest()
 
 
-def test_aspl_shared_optimizer_state_and_freed_grads_change_nothing(shared_cache, image_dir, monkeypatch):
-    """f' and f hand one set of AdamW moments back and forth and free their weight gradients after each
-    step (issue 16 §1, peak memory): the protected set and f's weights are the bytes the old path gives,
-    where each trainer kept its own moments and its gradients lived until its next step."""
+def test_aspl_memory_savings_change_nothing(shared_cache, image_dir, monkeypatch):
+    """f' and f hand one set of AdamW moments back and forth, free their weight gradients after each step,
+    and f trains the loaded model's own weights (issue 16 §1, peak memory): the protected set and f's
+    weights are the bytes the old path gives, where each trainer kept its own moments, its gradients lived
+    until its next step and f was a copy."""
     from cloak.io.images import read_images
     from cloak.protect import aspl
 
@@ -59,13 +60,29 @@ def test_aspl_shared_optimizer_state_and_freed_grads_change_nothing(shared_cache
             return pair
         return wrapped
 
+    def keep_lent(orig):
+        def wrapped(self, sd, surrogate):
+            lent = orig(self, sd, surrogate)
+            pairs[-1] = (pairs[-1][0], lent)
+            return lent
+        return wrapped
+
     monkeypatch.setattr(aspl.Aspl, "surrogate_pair", keep_pair(aspl.Aspl.surrogate_pair))
+    monkeypatch.setattr(aspl.Aspl, "lend_base", keep_lent(aspl.Aspl.lend_base))
+    final_f = {}
+    return_base = aspl.Aspl.return_base
+
+    def keep_f(self, sd):  # f's weights at the end of the loop, before the base weights are read back
+        final_f["new"] = _digest(*pairs[-1][1].params)
+        return_base(self, sd)
+
+    monkeypatch.setattr(aspl.Aspl, "return_base", keep_f)
     new = _aspl(shared_cache)(images)
     learner, surrogate = pairs[-1]
     # The memory claims: one set of moments between the two trainers, no weight gradient left over.
     assert not learner.optimizer.state and len(surrogate.optimizer.state) == len(surrogate.params)
     assert all(p.grad is None for p in learner.params + surrogate.params)
-    new_weights = _digest(*surrogate.params)
+    new_weights = final_f["new"]
 
     # The old path: each trainer resets (and keeps) its own state; gradients are freed only at the next step.
     def old_reset(self, take_from=None):
@@ -80,6 +97,7 @@ def test_aspl_shared_optimizer_state_and_freed_grads_change_nothing(shared_cache
             return None
         return zero_grad(self, set_to_none)
 
+    monkeypatch.setattr(aspl.Aspl, "lend_base", lambda self, sd, surrogate: surrogate)  # f on its own copy
     monkeypatch.setattr(dreambooth.DreamBoothTrainer, "reset_optimizer", old_reset)
     monkeypatch.setattr(torch.optim.AdamW, "zero_grad", old_zero_grad)
     old = _aspl(shared_cache)(images)
@@ -140,3 +158,30 @@ def test_eot_rows_cuts_per_image_draws_and_keeps_per_set_ones():
     cut, cut_draw = _eot_rows((params, draw), slice(1, 3))
     assert cut[0] is None and cut[1] is params[1] and cut[2] is params[2]
     assert torch.equal(cut[3], params[3][1:3]) and torch.equal(cut_draw.timesteps, torch.arange(1, 3))
+
+
+def test_aspl_gives_the_loaded_base_weights_back(shared_cache, image_dir):
+    """f trains the shared handle's UNet and text encoder during the loop; afterwards they hold the base
+    weights again (read back from the model folder), frozen, so a second run in the same process is the
+    bytes of the first."""
+    from cloak.io.images import read_images
+
+    images = read_images(image_dir, 64)
+    method = _aspl(shared_cache)
+    sd = method.ctx.models.sd("tiny-sd")
+    before = _digest(*sd.unet.parameters(), *sd.text_encoder.parameters())
+    seen = {}
+    inner = method.iteration
+
+    def spy(sd_, learner, surrogate, *a):
+        seen["f is the base"] = surrogate.unet is sd.unet and surrogate.text_encoder is sd.text_encoder
+        return inner(sd_, learner, surrogate, *a)
+
+    method.iteration = spy
+    first = method(images)
+    assert seen["f is the base"]
+    assert _digest(*sd.unet.parameters(), *sd.text_encoder.parameters()) == before
+    assert not any(p.requires_grad for p in sd.unet.parameters()) and not sd.unet.training
+    again = _aspl(shared_cache)
+    again.ctx.models = method.ctx.models  # the same loaded handle
+    assert _digest(*again(images).pixels) == _digest(*first.pixels)

@@ -161,6 +161,15 @@ class Aspl(ProtectMethod):
         self.prepare_target(sd, x0)
         learner, surrogate = self.surrogate_pair(sd, clean)
         self.prepare(sd, x0)
+        surrogate = self.lend_base(sd, surrogate)
+        try:
+            return self.loop(sd, learner, surrogate, x0)
+        finally:
+            self.return_base(sd)
+
+    def loop(self, sd, learner: DreamBoothTrainer, surrogate: DreamBoothTrainer, x0: Groups) -> ProtectResult:
+        """The outer iterations, checkpointed after each one."""
+        ctx = self.ctx
         state = {"ref": self._ref_latents, "cursors": [0, 0]}
         iterations = ctx.iters(self.opts.iterations)
         x = x0.clone()
@@ -188,6 +197,42 @@ class Aspl(ProtectMethod):
                 bar.advance(1, status=f"loss {loss:.4f}")
         checkpoint.clear()
         return ProtectResult(x.detach().result(), summary=self.summary(history))
+
+    _lent: tuple | None = None
+
+    def lend_base(self, sd, surrogate: DreamBoothTrainer) -> DreamBoothTrainer:
+        """f trains the loaded model's own weights during the loop instead of a copy of them: one full copy
+        of the UNet and text encoder less at the peak (issue 16 §1; the released aspl.py trains the loaded
+        modules in place too). Called after ``prepare`` (SimAC reads the base model there); f starts from
+        the same weights, so nothing else changes. ``return_base`` reads the base weights back from the
+        model folder afterwards, so the shared handle is as loaded for whatever runs next in the process."""
+        if self.ctx.compat or not _same_shapes(surrogate.unet, sd.unet) or \
+                not _same_shapes(surrogate.text_encoder, sd.text_encoder):
+            return surrogate  # --compat casts f to bf16 in place: keep it off the shared modules
+        with torch.no_grad():  # f's tensors as a copy would hold them (loaded tensors may sit at any offset
+            for p in (*sd.unet.parameters(), *sd.text_encoder.parameters()):  # of a mapped file, and kernels
+                p.data = p.data.clone()  # round differently on differently aligned memory)
+        lent = DreamBoothTrainer(sd, sd.unet, sd.text_encoder, surrogate.cfg, class_latents=surrogate.class_latents,
+                                 generator=surrogate.generator)
+        self._lent = (sd.unet, sd.text_encoder)
+        return lent
+
+    def return_base(self, sd) -> None:
+        if self._lent is None:
+            return
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        unet, text_encoder = self._lent
+        self._lent = None
+        for module, cls, sub in ((unet, UNet2DConditionModel, "unet"), (text_encoder, CLIPTextModel, "text_encoder")):
+            module.requires_grad_(False)
+            module.eval()
+            for p in module.parameters():
+                p.grad = None
+            fresh = cls.from_pretrained(sd.path, subfolder=sub, local_files_only=True)
+            module.load_state_dict(fresh.state_dict())
+            del fresh
 
     def loop_state(self) -> dict[str, Any]:
         """Counters a checkpoint keeps besides the set and the weights (plug-ins add theirs)."""
@@ -517,6 +562,11 @@ class _Member:
     class_latents: LatentCache | None = None
     target: torch.Tensor | None = None
     state: dict = field(default_factory=dict)
+
+
+def _same_shapes(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    pa, pb = list(a.parameters()), list(b.parameters())
+    return len(pa) == len(pb) and all(x.shape == y.shape and x.dtype == y.dtype for x, y in zip(pa, pb))
 
 
 def _arch_key(sd) -> str:
