@@ -51,38 +51,22 @@ def test_aspl_memory_savings_change_nothing(shared_cache, image_dir, monkeypatch
     from cloak.protect import aspl
 
     images = read_images(image_dir, 64)
-    pairs = []
+    final = {}
+    loop = aspl.Aspl.loop
 
-    def keep_pair(orig):
-        def wrapped(self, *a, **kw):
-            pair = orig(self, *a, **kw)
-            pairs.append(pair)
-            return pair
-        return wrapped
+    def keep_final(self, sd, learner, surrogate, x0):  # the trainers at the end of the loop, before clean-up
+        result = loop(self, sd, learner, surrogate, x0)
+        final.update(f=_digest(*surrogate.params), learner_state=len(learner.optimizer.state),
+                     surrogate_state=len(surrogate.optimizer.state), n_params=len(surrogate.params),
+                     grads=sum(p.grad is not None for p in learner.params + surrogate.params))
+        return result
 
-    def keep_lent(orig):
-        def wrapped(self, sd, surrogate):
-            lent = orig(self, sd, surrogate)
-            pairs[-1] = (pairs[-1][0], lent)
-            return lent
-        return wrapped
-
-    monkeypatch.setattr(aspl.Aspl, "surrogate_pair", keep_pair(aspl.Aspl.surrogate_pair))
-    monkeypatch.setattr(aspl.Aspl, "lend_base", keep_lent(aspl.Aspl.lend_base))
-    final_f = {}
-    return_base = aspl.Aspl.return_base
-
-    def keep_f(self, sd):  # f's weights at the end of the loop, before the base weights are read back
-        final_f["new"] = _digest(*pairs[-1][1].params)
-        return_base(self, sd)
-
-    monkeypatch.setattr(aspl.Aspl, "return_base", keep_f)
+    monkeypatch.setattr(aspl.Aspl, "loop", keep_final)
     new = _aspl(shared_cache)(images)
-    learner, surrogate = pairs[-1]
     # The memory claims: one set of moments between the two trainers, no weight gradient left over.
-    assert not learner.optimizer.state and len(surrogate.optimizer.state) == len(surrogate.params)
-    assert all(p.grad is None for p in learner.params + surrogate.params)
-    new_weights = final_f["new"]
+    assert final["learner_state"] == 0 and final["surrogate_state"] == final["n_params"]
+    assert final["grads"] == 0
+    new_weights = final["f"]
 
     # The old path: each trainer resets (and keeps) its own state; gradients are freed only at the next step.
     def old_reset(self, take_from=None):
@@ -101,10 +85,9 @@ def test_aspl_memory_savings_change_nothing(shared_cache, image_dir, monkeypatch
     monkeypatch.setattr(dreambooth.DreamBoothTrainer, "reset_optimizer", old_reset)
     monkeypatch.setattr(torch.optim.AdamW, "zero_grad", old_zero_grad)
     old = _aspl(shared_cache)(images)
-    learner, surrogate = pairs[-1]
-    assert learner.optimizer.state and any(p.grad is not None for p in surrogate.params)  # really the old path
+    assert final["learner_state"] and final["grads"]  # really the old path
     assert _digest(*old.pixels) == _digest(*new.pixels)
-    assert _digest(*surrogate.params) == new_weights
+    assert final["f"] == new_weights
 
 
 def test_reset_optimizer_take_from_moves_state_and_zeroes_it():

@@ -165,6 +165,8 @@ class Aspl(ProtectMethod):
         try:
             return self.loop(sd, learner, surrogate, x0)
         finally:
+            for trainer in (learner, surrogate):  # the run is over: AdamW's moments go before the base weights
+                trainer.optimizer.state.clear()   # are read back, so that reload stays under the loop's peak
             self.return_base(sd)
 
     def loop(self, sd, learner: DreamBoothTrainer, surrogate: DreamBoothTrainer, x0: Groups) -> ProtectResult:
