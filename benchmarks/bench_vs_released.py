@@ -167,8 +167,6 @@ def released_pgd_attack(models, tokenizer, scheduler, vae, data, original, steps
 def run_released(sd, instance_dir: Path, class_dir: Path, resolution: int, iters: int, flops: bool):
     import copy
 
-    import torch
-
     from cloak.io.images import read_images
 
     clean = read_images(instance_dir, resolution).pixels
@@ -198,7 +196,8 @@ def run_released(sd, instance_dir: Path, class_dir: Path, resolution: int, iters
 
 
 # --- cloak --------------------------------------------------------------------------------------------------
-def run_cloak(models, model: str, cache: str, instance_dir: Path, class_dir: Path, resolution: int, iters: int, flops: bool):
+def run_cloak(models, model: str, cache: str, instance_dir: Path, class_dir: Path, resolution: int, iters: int,
+              flops: bool):
     import torch
 
     from cloak._progress import Progress

@@ -134,7 +134,8 @@ def build():
 
     from cloak.models.handle import Models
 
-    Models(cache_dir=Path(os.environ["CLOAK_CACHE_DIR"])).resolve("sd21-shaped", "gpu-check")  # writes the random-weight folder on first use
+    # resolving the built-in id writes its random-weight folder on first use
+    Models(cache_dir=Path(os.environ["CLOAK_CACHE_DIR"])).resolve("sd21-shaped", "gpu-check")
     rng = np.random.default_rng(0)
     for folder in sys.argv[2:4]:
         Path(folder).mkdir(parents=True, exist_ok=True)
