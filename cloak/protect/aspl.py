@@ -19,6 +19,7 @@ MetaCloak subclass this class) and by plug-ins (CAP overrides ``update``).
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -165,8 +166,10 @@ class Aspl(ProtectMethod):
         try:
             return self.loop(sd, learner, surrogate, x0)
         finally:
-            for trainer in (learner, surrogate):  # the run is over: AdamW's moments go before the base weights
-                trainer.optimizer.state.clear()   # are read back, so that reload stays under the loop's peak
+            # The run is over: f' and AdamW's moments go before the base weights are read back, so that
+            # reload stays under the loop's peak.
+            del learner, surrogate
+            gc.collect()
             self.return_base(sd)
 
     def loop(self, sd, learner: DreamBoothTrainer, surrogate: DreamBoothTrainer, x0: Groups) -> ProtectResult:
