@@ -235,6 +235,8 @@ class Aspl(ProtectMethod):
             module.eval()
             for p in module.parameters():
                 p.grad = None
+            if _copy_from_safetensors(module, sd.path / sub):
+                continue
             fresh = cls.from_pretrained(sd.path, subfolder=sub, local_files_only=True)
             module.load_state_dict(fresh.state_dict())
             del fresh
@@ -567,6 +569,24 @@ class _Member:
     class_latents: LatentCache | None = None
     target: torch.Tensor | None = None
     state: dict = field(default_factory=dict)
+
+
+@torch.no_grad()
+def _copy_from_safetensors(module: torch.nn.Module, folder) -> bool:
+    """Read a module's weights back from its one safetensors file tensor by tensor (no second full copy of
+    the module, unlike ``from_pretrained``); False when the folder is laid out otherwise."""
+    from safetensors import safe_open
+
+    files = sorted(folder.glob("*.safetensors"))
+    if len(files) != 1:
+        return False
+    state = module.state_dict()
+    with safe_open(str(files[0]), framework="pt") as f:
+        if set(f.keys()) != set(state):
+            return False
+        for name in f.keys():
+            state[name].copy_(f.get_tensor(name))
+    return True
 
 
 def _same_shapes(a: torch.nn.Module, b: torch.nn.Module) -> bool:
