@@ -128,6 +128,9 @@ class DreamBoothTrainer:
         if self.cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
         self.optimizer.step()
+        # Free the weight gradients now, not at the next step: between steps (PGD, the other trainer's steps)
+        # they would hold a third full copy of the weights for nothing.
+        self.optimizer.zero_grad(set_to_none=True)
         self.last_loss = float(loss.detach())
         return self.last_loss
 
@@ -136,7 +139,18 @@ class DreamBoothTrainer:
         """Latents of (possibly changing) instance images: a fresh posterior sample each call."""
         return encode_latents(self.sd.vae, pixels, self.generator)
 
-    def reset_optimizer(self) -> None:
+    def reset_optimizer(self, take_from: DreamBoothTrainer | None = None) -> None:
+        """A fresh AdamW state (moments and step counts zeroed in place).
+
+        ``take_from``: a trainer of the same architecture that is used strictly in turn with this one (ASPL's
+        f' and f): its state tensors move here first, so the two trainers own one set of moments between
+        them instead of two (two full weight copies less); both reset before every use, so nothing changes.
+        """
+        if take_from is not None and take_from is not self:
+            for mine, theirs in zip(self.params, take_from.params):
+                state = take_from.optimizer.state.pop(theirs, None)
+                if state is not None and mine.shape == theirs.shape and mine not in self.optimizer.state:
+                    self.optimizer.state[mine] = state
         reset_optimizer_state(self.optimizer)
 
     def copy_from(self, other: DreamBoothTrainer) -> None:

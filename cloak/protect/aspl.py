@@ -19,6 +19,7 @@ MetaCloak subclass this class) and by plug-ins (CAP overrides ``update``).
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -164,6 +165,19 @@ class Aspl(ProtectMethod):
         self.prepare_target(sd, x0)
         learner, surrogate = self.surrogate_pair(sd, clean)
         self.prepare(sd, x0)
+        surrogate = self.lend_base(sd, surrogate)
+        try:
+            return self.loop(sd, learner, surrogate, x0)
+        finally:
+            # The run is over: f' and AdamW's moments go before the base weights are read back, so that
+            # reload stays under the loop's peak.
+            del learner, surrogate
+            gc.collect()
+            self.return_base(sd)
+
+    def loop(self, sd, learner: DreamBoothTrainer, surrogate: DreamBoothTrainer, x0: Groups) -> ProtectResult:
+        """The outer iterations, checkpointed after each one."""
+        ctx = self.ctx
         state = {"ref": self._ref_latents, "cursors": [0, 0]}
         iterations = ctx.iters(self.opts.iterations)
         x = x0.clone()
@@ -191,6 +205,44 @@ class Aspl(ProtectMethod):
                 bar.advance(1, status=f"loss {loss:.4f}")
         checkpoint.clear()
         return ProtectResult(x.detach().result(), summary=self.summary(history))
+
+    _lent: tuple | None = None
+
+    def lend_base(self, sd, surrogate: DreamBoothTrainer) -> DreamBoothTrainer:
+        """f trains the loaded model's own weights during the loop instead of a copy of them: one full copy
+        of the UNet and text encoder less at the peak (issue 16 §1; the released aspl.py trains the loaded
+        modules in place too). Called after ``prepare`` (SimAC reads the base model there); f starts from
+        the same weights, so nothing else changes. ``return_base`` reads the base weights back from the
+        model folder afterwards, so the shared handle is as loaded for whatever runs next in the process."""
+        if self.ctx.compat or not _same_shapes(surrogate.unet, sd.unet) or \
+                not _same_shapes(surrogate.text_encoder, sd.text_encoder):
+            return surrogate  # --compat casts f to bf16 in place: keep it off the shared modules
+        with torch.no_grad():  # f's tensors as a copy would hold them (loaded tensors may sit at any offset
+            for p in (*sd.unet.parameters(), *sd.text_encoder.parameters()):  # of a mapped file, and kernels
+                p.data = p.data.clone()  # round differently on differently aligned memory)
+        lent = DreamBoothTrainer(sd, sd.unet, sd.text_encoder, surrogate.cfg, class_latents=surrogate.class_latents,
+                                 generator=surrogate.generator)
+        self._lent = (sd.unet, sd.text_encoder)
+        return lent
+
+    def return_base(self, sd) -> None:
+        if self._lent is None:
+            return
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        unet, text_encoder = self._lent
+        self._lent = None
+        for module, cls, sub in ((unet, UNet2DConditionModel, "unet"), (text_encoder, CLIPTextModel, "text_encoder")):
+            module.requires_grad_(False)
+            module.eval()
+            for p in module.parameters():
+                p.grad = None
+            if _copy_from_safetensors(module, sd.path / sub):
+                continue
+            fresh = cls.from_pretrained(sd.path, subfolder=sub, local_files_only=True)
+            module.load_state_dict(fresh.state_dict())
+            del fresh
 
     def loop_state(self) -> dict[str, Any]:
         """Counters a checkpoint keeps besides the set and the weights (plug-ins add theirs)."""
@@ -230,13 +282,13 @@ class Aspl(ProtectMethod):
         ref_latents, cursors = state["ref"], state["cursors"]
         # f' ← DB(copy(f), A_clean, n): weights copied into a preallocated twin, optimizer state zeroed.
         learner.copy_from(surrogate)
-        learner.reset_optimizer()
+        learner.reset_optimizer(take_from=surrogate)  # f' and f take turns with one set of AdamW moments
         learner.unfreeze()
         cursors[0] = self.tune(learner, ref_latents.sample, len(ref_latents), n_f, cursors[0])
         learner.freeze()
         x, loss = self.pgd(sd, learner.unet, learner.text_encoder, x, x0, n_pgd, o.eps_m11, o.alpha_m11)
         # f ← DB(f, x, n): the surrogate follows the poisoned learner (on square crops of the working copies).
-        surrogate.reset_optimizer()
+        surrogate.reset_optimizer(take_from=learner)
         poison = _PixelLatents(surrogate, x.detach(), self._crop_size)
         cursors[1] = self.tune(surrogate, poison.sample, len(x), n_f, cursors[1])
         return x, loss
@@ -564,6 +616,29 @@ class _Member:
     class_latents: LatentCache | None = None
     target: torch.Tensor | None = None
     state: dict = field(default_factory=dict)
+
+
+@torch.no_grad()
+def _copy_from_safetensors(module: torch.nn.Module, folder) -> bool:
+    """Read a module's weights back from its one safetensors file tensor by tensor (no second full copy of
+    the module, unlike ``from_pretrained``); False when the folder is laid out otherwise."""
+    from safetensors import safe_open
+
+    files = sorted(folder.glob("*.safetensors"))
+    if len(files) != 1:
+        return False
+    state = module.state_dict()
+    with safe_open(str(files[0]), framework="pt") as f:
+        if set(f.keys()) != set(state):
+            return False
+        for name in f.keys():
+            state[name].copy_(f.get_tensor(name))
+    return True
+
+
+def _same_shapes(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    pa, pb = list(a.parameters()), list(b.parameters())
+    return len(pa) == len(pb) and all(x.shape == y.shape and x.dtype == y.dtype for x, y in zip(pa, pb))
 
 
 def _arch_key(sd) -> str:

@@ -25,7 +25,7 @@ from cloak.diffusion.precision import PIXEL_DTYPE
 from cloak.diffusion.surrogate import SnapshotPool
 from cloak.adversarial.groups import Groups, square_crops
 from cloak.io.images import ImageSet
-from cloak.protect.aspl import Aspl, SurrogateOptions, _PixelLatents
+from cloak.protect.aspl import Aspl, SurrogateOptions, _PixelLatents, pgd_batch_field
 from cloak.protect.base import ProtectResult, load_weights, restore_groups, weights_of
 
 
@@ -53,6 +53,7 @@ class MetaCloak(Aspl):
         blur_sigma_min: float = Field(0.1, gt=0, description="EoT: smallest blur σ (torchvision default)")
         blur_sigma_max: float = Field(2.0, gt=0, description="EoT: largest blur σ (torchvision default)")
         hflip: bool = Field(True, description="EoT: random horizontal flip p=0.5 (transform_hflip)")
+        pgd_batch: int = pgd_batch_field()
 
     tiny_options: ClassVar[dict] = {"class_images": 2, "trials": 1, "pool_steps": 4, "snapshot_interval": 2,
                                     "advance_steps": 1, "pgd_steps": 1}
@@ -191,8 +192,10 @@ class MetaCloak(Aspl):
                 draws.append(per_bucket)
 
             def loss_fn(pixels, bucket: int, rows=None, draws=draws):
-                return sum(self.loss(sd, unet, self.eot.apply(pixels, m[bucket][0]), text, m[bucket][1],
-                                     bucket=bucket) for m in draws)
+                # rows: a pgd_batch chunk of the bucket; it takes its own rows of every per-image draw
+                picked = [m[bucket] if rows is None else _eot_rows(m[bucket], rows) for m in draws]
+                return sum(self.loss(sd, unet, self.eot.apply(pixels, params), text, draw, bucket=bucket)
+                           for params, draw in picked)
 
             x, loss_value = self.update(x, x0, loss_fn, eps, alpha)
             self.pgd_steps_done += 1
@@ -205,3 +208,19 @@ class MetaCloak(Aspl):
         return {"resize_center_crop": self.ctx.resolution, "blur": o.blur and {"kernel": o.blur_kernel,
                 "sigma": [o.blur_sigma_min, o.blur_sigma_max]}, "hflip": 0.5 if o.hflip else 0.0,
                 "samples_per_step": o.sample_num}
+
+
+def _eot_rows(drawn: tuple, rows: slice) -> tuple:
+    """(EoT parameters, diffusion draw) of one bucket, cut to a pgd_batch chunk: per-image tensors (first
+    dimension = the bucket's images) keep their rows, per-set ones (one blur σ, one flip) stay whole."""
+    params, draw = drawn
+    n = len(draw.timesteps)
+
+    def cut(value):
+        if isinstance(value, list):
+            return [cut(v) for v in value]
+        if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == n and n > 1:
+            return value[rows]
+        return value
+
+    return cut(params), draw.rows(rows)

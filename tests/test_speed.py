@@ -1,0 +1,170 @@
+"""Speed and memory changes that must not change a result (issue 16): each optimised path against the
+straightforward one it replaces, bytes equal at fp32."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import torch
+
+from cloak.diffusion import dreambooth
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: with two threads on two busy cores OpenMP barriers spin (see test_protect_family)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _aspl(cache, **opts):
+    from cloak._progress import Progress
+    from cloak.methods import RunContext
+    from cloak.models.handle import Models
+    from cloak.protect.aspl import Aspl
+
+    ctx = RunContext(models=Models(cache_dir=cache, tiny=True), model="tiny-sd", device=torch.device("cpu"),
+                     dtype=torch.float32, seed=0, generator=torch.Generator().manual_seed(0), resolution=64,
+                     cache_dir=cache, progress=Progress())
+    method = Aspl(Aspl.Options(**{"iterations": 2, "surrogate_steps": 2, "pgd_steps": 2, "class_images": 2,
+                                  **opts}), ctx)
+    method.name = "aspl"
+    return method
+
+
+def _digest(*tensors) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def test_aspl_memory_savings_change_nothing(shared_cache, image_dir, monkeypatch):
+    """f' and f hand one set of AdamW moments back and forth, free their weight gradients after each step,
+    and f trains the loaded model's own weights (issue 16 §1, peak memory): the protected set and f's
+    weights are the bytes the old path gives, where each trainer kept its own moments, its gradients lived
+    until its next step and f was a copy."""
+    from cloak.io.images import read_images
+    from cloak.protect import aspl
+
+    images = read_images(image_dir, 64)
+    final = {}
+    loop = aspl.Aspl.loop
+
+    def keep_final(self, sd, learner, surrogate, x0):  # the trainers at the end of the loop, before clean-up
+        result = loop(self, sd, learner, surrogate, x0)
+        final.update(f=_digest(*surrogate.params), learner_state=len(learner.optimizer.state),
+                     surrogate_state=len(surrogate.optimizer.state), n_params=len(surrogate.params),
+                     grads=sum(p.grad is not None for p in learner.params + surrogate.params))
+        return result
+
+    monkeypatch.setattr(aspl.Aspl, "loop", keep_final)
+    new = _aspl(shared_cache)(images)
+    # The memory claims: one set of moments between the two trainers, no weight gradient left over.
+    assert final["learner_state"] == 0 and final["surrogate_state"] == final["n_params"]
+    assert final["grads"] == 0
+    new_weights = final["f"]
+
+    # The old path: each trainer resets (and keeps) its own state; gradients are freed only at the next step.
+    def old_reset(self, take_from=None):
+        dreambooth.reset_optimizer_state(self.optimizer)
+
+    zero_grad = torch.optim.Optimizer.zero_grad
+    calls = {"n": 0}
+
+    def old_zero_grad(self, set_to_none=True):
+        calls["n"] += 1
+        if calls["n"] % 2 == 0:  # the second call of each step is the new early free: skip it
+            return None
+        return zero_grad(self, set_to_none)
+
+    monkeypatch.setattr(aspl.Aspl, "lend_base", lambda self, sd, surrogate: surrogate)  # f on its own copy
+    monkeypatch.setattr(dreambooth.DreamBoothTrainer, "reset_optimizer", old_reset)
+    monkeypatch.setattr(torch.optim.AdamW, "zero_grad", old_zero_grad)
+    old = _aspl(shared_cache)(images)
+    assert final["learner_state"] and final["grads"]  # really the old path
+    assert _digest(*old.pixels) == _digest(*new.pixels)
+    assert final["f"] == new_weights
+
+
+def test_reset_optimizer_take_from_moves_state_and_zeroes_it():
+    cfg = dreambooth.DreamBoothConfig(lr=1e-3)
+    a, b = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    opt_a, opt_b = dreambooth.make_adamw(a.parameters(), cfg), dreambooth.make_adamw(b.parameters(), cfg)
+    a(torch.ones(1, 3)).sum().backward()
+    opt_a.step()
+    moments = [opt_a.state[p]["exp_avg"] for p in a.parameters()]
+
+    class T:  # the two attributes reset_optimizer reads
+        def __init__(self, module, opt):
+            self.params, self.optimizer = list(module.parameters()), opt
+
+    ta, tb = T(a, opt_a), T(b, opt_b)
+    dreambooth.DreamBoothTrainer.reset_optimizer(tb, take_from=ta)
+    assert not opt_a.state
+    for p, m in zip(b.parameters(), moments):
+        assert opt_b.state[p]["exp_avg"] is m  # the same tensors, not copies
+        assert not any(v.any() for v in opt_b.state[p].values() if torch.is_tensor(v))
+
+
+def test_metacloak_pgd_batch_gives_the_whole_set_step_in_chunks(tmp_path):
+    """MetaCloak's PGD through the EoT transforms takes -o pgd_batch too (issue 16 §4): each chunk gets its
+    own rows of every per-image draw, so 3 images in chunks of 2 equal the one-batch run up to UNet rounding."""
+    import numpy as np
+    from conftest import pngs, write_images
+
+    from cloak.api import Common, run_protect
+
+    images = write_images(tmp_path / "in", n=3)
+    outputs = {}
+    for batch in (0, 2):
+        options = {"class_images": "0", "pgd_batch": str(batch), "trials": "1", "pool_steps": "2",
+                   "snapshot_interval": "1", "advance_steps": "1", "pgd_steps": "2"}
+        run_protect(images, tmp_path / f"out{batch}", common=Common(method="metacloak", tiny=True, argv=[],
+                                                                   options=options))
+        outputs[batch] = pngs(tmp_path / f"out{batch}")
+    for name, whole in outputs[0].items():
+        diff = np.abs(whole.astype(int) - outputs[2][name].astype(int))
+        assert (diff == 0).mean() > 0.95, (name, (diff == 0).mean())
+
+
+def test_eot_rows_cuts_per_image_draws_and_keeps_per_set_ones():
+    from cloak.diffusion import Draw
+    from cloak.protect.metacloak import _eot_rows
+
+    n = 3
+    draw = Draw(torch.arange(n), torch.randn(n, 4, 2, 2), torch.randn(n, 4, 2, 2))
+    params = [None, torch.tensor([0.7]), torch.tensor([True]), torch.rand(n, 4)]
+    cut, cut_draw = _eot_rows((params, draw), slice(1, 3))
+    assert cut[0] is None and cut[1] is params[1] and cut[2] is params[2]
+    assert torch.equal(cut[3], params[3][1:3]) and torch.equal(cut_draw.timesteps, torch.arange(1, 3))
+
+
+def test_aspl_gives_the_loaded_base_weights_back(shared_cache, image_dir):
+    """f trains the shared handle's UNet and text encoder during the loop; afterwards they hold the base
+    weights again (read back from the model folder), frozen, so a second run in the same process is the
+    bytes of the first."""
+    from cloak.io.images import read_images
+
+    images = read_images(image_dir, 64)
+    method = _aspl(shared_cache)
+    sd = method.ctx.models.sd("tiny-sd")
+    before = _digest(*sd.unet.parameters(), *sd.text_encoder.parameters())
+    seen = {}
+    inner = method.iteration
+
+    def spy(sd_, learner, surrogate, *a):
+        seen["f is the base"] = surrogate.unet is sd.unet and surrogate.text_encoder is sd.text_encoder
+        return inner(sd_, learner, surrogate, *a)
+
+    method.iteration = spy
+    first = method(images)
+    assert seen["f is the base"]
+    assert _digest(*sd.unet.parameters(), *sd.text_encoder.parameters()) == before
+    assert not any(p.requires_grad for p in sd.unet.parameters()) and not sd.unet.training
+    again = _aspl(shared_cache)
+    again.ctx.models = method.ctx.models  # the same loaded handle
+    assert _digest(*again(images).pixels) == _digest(*first.pixels)
