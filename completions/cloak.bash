@@ -13,10 +13,10 @@ _cloak() {
     "")
       case "$prev" in
       esac
-      COMPREPLY=($(compgen -W "protect immunize purify attack score models methods config completion --version --help" -- "$cur")); return ;;
+      COMPREPLY=($(compgen -W "protect immunize purify attack score models methods config completion eval --version --help" -- "$cur")); return ;;
     "protect"*)
       case "$prev" in
-        --method|-m) COMPREPLY=($(compgen -W "aspl advdm photoguard mist fsmg simac metacloak dladiff cap" -- "$cur")); return ;;
+        --method|-m) COMPREPLY=($(compgen -W "aspl aspl-lora advdm photoguard mist fsmg simac metacloak dladiff cap sds-minus sds-plus sds-t pid" -- "$cur")); return ;;
         --ref) COMPREPLY=($(compgen -f -- "$cur")); compopt -o filenames 2>/dev/null; return ;;
         --eps) COMPREPLY=(); return ;;
         --eps-unit) COMPREPLY=($(compgen -W "m11 01 255" -- "$cur")); return ;;
@@ -29,12 +29,13 @@ _cloak() {
         --seed) COMPREPLY=(); return ;;
         --device) COMPREPLY=($(compgen -W "auto cpu cuda mps" -- "$cur")); return ;;
         --dtype) COMPREPLY=($(compgen -W "fp32 bf16 fp16" -- "$cur")); return ;;
-        --option|-o) COMPREPLY=($(compgen -W "advance_steps= alpha= alpha_zs= attention_resolution= attention_scale= attention_steps= attention_target= attention_weight= batch_size= blur= blur_kernel= blur_sigma_max= blur_sigma_min= cap_sign= checkpoint_every= class_image_steps= class_images= class_prompt= delta_t= encoders= epochs= eps= eps_zs= face_margin= feature_weight= gram_normalise= hflip= host= instance_prompt= iterations= layers= lr= min_timesteps= mode= models= persistent_cycling= pgd_batch= pgd_steps= pool_steps= prior_weight= prompt= random_start= rate= ratio_max= sample_num= save_every= select_candidates= select_rounds= snapshot_interval= start_fraction= static_batch_size= static_steps= steps= style_layers= style_model= surrogate_batch_size= surrogate_steps= target= target_image= target_weight= train_text_encoder= trials= unit= window= zs_steps= zs_unit=" -- "$cur")); compopt -o nospace 2>/dev/null; return ;;
+        --memory) COMPREPLY=(); return ;;
+        --option|-o) COMPREPLY=($(compgen -W "advance_steps= alpha= alpha_zs= attention_norm= attention_resolution= attention_scale= attention_steps= attention_target= attention_weight= batch_size= blur= blur_kernel= blur_sigma_max= blur_sigma_min= cap_sign= checkpoint_every= class_image_steps= class_images= class_prompt= delta_t= encoders= epochs= eps= eps_zs= face_margin= feature_anchor= feature_weight= gram_normalise= hflip= host= instance_prompt= iterations= layers= lora_rank= lr= min_timesteps= mode= models= objective= persistent_cycling= pgd_batch= pgd_steps= pool_steps= prior_weight= prompt= random_start= rate= ratio_max= sample_num= save_every= select_candidates= select_rounds= snapshot_interval= start_fraction= static_batch_size= static_steps= steps= style_layers= style_model= surrogate= surrogate_batch_size= surrogate_steps= target= target_image= target_rate= target_weight= train_text_encoder= trials= unit= window= zs_steps= zs_unit=" -- "$cur")); compopt -o nospace 2>/dev/null; return ;;
         --config) COMPREPLY=($(compgen -f -- "$cur")); compopt -o filenames 2>/dev/null; return ;;
         --cache-dir) COMPREPLY=($(compgen -f -- "$cur")); compopt -o filenames 2>/dev/null; return ;;
         --class-dir) COMPREPLY=($(compgen -f -- "$cur")); compopt -o filenames 2>/dev/null; return ;;
       esac
-      if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--method -m --ref --eps --eps-unit --force-budget --steps --target-image --fit --model --tiny --effort --resolution --seed --device --dtype --option -o --compat --config --cache-dir --class-dir --json --jsonl --quiet -q --verbose -v --force --resume --keep-going --keep-metadata --help" -- "$cur")); else COMPREPLY=($(compgen -f -- "$cur")); compopt -o filenames 2>/dev/null; fi; return ;;
+      if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--method -m --ref --eps --eps-unit --force-budget --steps --target-image --fit --model --tiny --effort --resolution --seed --device --dtype --memory --option -o --compat --config --cache-dir --class-dir --json --jsonl --quiet -q --verbose -v --force --resume --keep-going --keep-metadata --help" -- "$cur")); else COMPREPLY=($(compgen -f -- "$cur")); compopt -o filenames 2>/dev/null; fi; return ;;
     "immunize"*)
       case "$prev" in
         --method|-m) COMPREPLY=($(compgen -W "apdm" -- "$cur")); return ;;
@@ -46,12 +47,13 @@ _cloak() {
         --seed) COMPREPLY=(); return ;;
         --device) COMPREPLY=($(compgen -W "auto cpu cuda mps" -- "$cur")); return ;;
         --dtype) COMPREPLY=($(compgen -W "fp32 bf16 fp16" -- "$cur")); return ;;
+        --memory) COMPREPLY=(); return ;;
         --option|-o) COMPREPLY=($(compgen -W "autocast= batch_size= beta= class_image_steps= class_images= class_prompt= dpo_reduce= eval_timesteps= grad_accum= gradient_checkpointing= inner_steps= instance_prompt= iterations= l2p_pure= loss= lr= prior_weight= protect_prior= relu_bound= safe_image_steps= unfreeze= weight_decay=" -- "$cur")); compopt -o nospace 2>/dev/null; return ;;
         --config) COMPREPLY=($(compgen -f -- "$cur")); compopt -o filenames 2>/dev/null; return ;;
         --cache-dir) COMPREPLY=($(compgen -f -- "$cur")); compopt -o filenames 2>/dev/null; return ;;
         --class-dir) COMPREPLY=($(compgen -f -- "$cur")); compopt -o filenames 2>/dev/null; return ;;
       esac
-      if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--method -m --safe --checkpoint-every --model --tiny --effort --resolution --seed --device --dtype --option -o --compat --config --cache-dir --class-dir --json --jsonl --quiet -q --verbose -v --force --resume --help" -- "$cur")); else COMPREPLY=($(compgen -f -- "$cur")); compopt -o filenames 2>/dev/null; fi; return ;;
+      if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--method -m --safe --checkpoint-every --model --tiny --effort --resolution --seed --device --dtype --memory --option -o --compat --config --cache-dir --class-dir --json --jsonl --quiet -q --verbose -v --force --resume --help" -- "$cur")); else COMPREPLY=($(compgen -f -- "$cur")); compopt -o filenames 2>/dev/null; fi; return ;;
     "purify"*)
       case "$prev" in
         --method|-m) COMPREPLY=($(compgen -W "gaussian jpeg tvm diffpure ldiffpure ddspure gridpure impress diffshortcut" -- "$cur")); return ;;
@@ -77,6 +79,7 @@ _cloak() {
         --negative-prompt) COMPREPLY=(); return ;;
         --sampler) COMPREPLY=($(compgen -W "default ddim pndm dpm euler ddpm" -- "$cur")); return ;;
         --steps) COMPREPLY=(); return ;;
+        --preset) COMPREPLY=(); return ;;
         --save-model) COMPREPLY=($(compgen -f -- "$cur")); compopt -o filenames 2>/dev/null; return ;;
         --model) COMPREPLY=($(compgen -W "tiny-sd tiny-sd-v mid-sd sd21-shaped sd21-base sd15 sd14" -- "$cur")); return ;;
         --effort) COMPREPLY=(); return ;;
@@ -84,16 +87,16 @@ _cloak() {
         --seed) COMPREPLY=(); return ;;
         --device) COMPREPLY=($(compgen -W "auto cpu cuda mps" -- "$cur")); return ;;
         --dtype) COMPREPLY=($(compgen -W "fp32 bf16 fp16" -- "$cur")); return ;;
-        --option|-o) COMPREPLY=($(compgen -W "alpha= batch_size= checkpoint_every= class_image_steps= class_images= class_prompt= guidance= instance_prompt= lr= negative_prompt= negative_token= no_neg_prompt= no_neg_token= num_images= prior_weight= prompts= quality_negative= rank= reference= sample_steps= sampler= scale= steps= train_text_encoder= variant=" -- "$cur")); compopt -o nospace 2>/dev/null; return ;;
+        --option|-o) COMPREPLY=($(compgen -W "alpha= batch_size= checkpoint_every= class_image_steps= class_images= class_model= class_prompt= embedder= guidance= instance_prompt= lr= negative_prompt= negative_token= no_neg_prompt= no_neg_token= num_images= prior_weight= prompts= quality_negative= rank= reference= sample_steps= sampler= scale= steps= train_text_encoder= variant=" -- "$cur")); compopt -o nospace 2>/dev/null; return ;;
         --config) COMPREPLY=($(compgen -f -- "$cur")); compopt -o filenames 2>/dev/null; return ;;
         --cache-dir) COMPREPLY=($(compgen -f -- "$cur")); compopt -o filenames 2>/dev/null; return ;;
         --class-dir) COMPREPLY=($(compgen -f -- "$cur")); compopt -o filenames 2>/dev/null; return ;;
       esac
-      if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--method -m --ref --prompt --num-images --sample-steps --guidance --negative-prompt --sampler --steps --save-model --model --tiny --effort --resolution --seed --device --dtype --option -o --compat --config --cache-dir --class-dir --json --jsonl --quiet -q --verbose -v --force --resume --keep-going --help" -- "$cur")); else COMPREPLY=($(compgen -f -- "$cur")); compopt -o filenames 2>/dev/null; fi; return ;;
+      if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--method -m --ref --prompt --num-images --sample-steps --guidance --negative-prompt --sampler --steps --preset --save-model --model --tiny --effort --resolution --seed --device --dtype --option -o --compat --config --cache-dir --class-dir --json --jsonl --quiet -q --verbose -v --force --resume --keep-going --help" -- "$cur")); else COMPREPLY=($(compgen -f -- "$cur")); compopt -o filenames 2>/dev/null; fi; return ;;
     "score"*)
       case "$prev" in
         --ref) COMPREPLY=($(compgen -f -- "$cur")); compopt -o filenames 2>/dev/null; return ;;
-        --metric) COMPREPLY=($(compgen -W "psnr ssim linf lpips fdfr ism serfiq ims brisque niqe liqe clipiqa clipiqa-c" -- "$cur")); return ;;
+        --metric) COMPREPLY=($(compgen -W "psnr ssim linf lpips fdfr ism idmatch serfiq ims brisque niqe liqe clipiqa clipiqa-c" -- "$cur")); return ;;
         --fail-if) COMPREPLY=(); return ;;
         --undefined) COMPREPLY=(); return ;;
         --report) COMPREPLY=($(compgen -f -- "$cur")); compopt -o filenames 2>/dev/null; return ;;
@@ -101,7 +104,7 @@ _cloak() {
         --align) COMPREPLY=(); return ;;
         --seed) COMPREPLY=(); return ;;
         --device) COMPREPLY=($(compgen -W "auto cpu cuda mps" -- "$cur")); return ;;
-        --option|-o) COMPREPLY=($(compgen -W "clipiqa-c.class_name= clipiqa.resize= fdfr.backend= fdfr.conf_threshold= fdfr.dlib_detector= fdfr.dlib_upsample= ims.conf_threshold= ims.dlib_detector= ims.dlib_upsample= ims.ip_backend= ims.vgg_backend= ims.vgg_threshold= ims.w_ip= ims.w_vgg= ism.backend= ism.conf_threshold= ism.dlib_detector= ism.dlib_upsample= liqe.num_patch= liqe.step= lpips.net= niqe.block= serfiq.alpha= serfiq.dropout= serfiq.min_face= serfiq.passes= serfiq.r= serfiq.thresholds=" -- "$cur")); compopt -o nospace 2>/dev/null; return ;;
+        --option|-o) COMPREPLY=($(compgen -W "clipiqa-c.class_name= clipiqa.resize= fdfr.backend= fdfr.conf_threshold= fdfr.dlib_detector= fdfr.dlib_upsample= idmatch.backend= idmatch.conf_threshold= idmatch.dlib_detector= idmatch.dlib_upsample= idmatch.threshold= ims.conf_threshold= ims.dlib_detector= ims.dlib_upsample= ims.ip_backend= ims.vgg_backend= ims.vgg_threshold= ims.w_ip= ims.w_vgg= ism.backend= ism.conf_threshold= ism.dlib_detector= ism.dlib_upsample= liqe.num_patch= liqe.step= lpips.net= niqe.block= serfiq.alpha= serfiq.dropout= serfiq.min_face= serfiq.passes= serfiq.r= serfiq.thresholds=" -- "$cur")); compopt -o nospace 2>/dev/null; return ;;
         --config) COMPREPLY=($(compgen -f -- "$cur")); compopt -o filenames 2>/dev/null; return ;;
         --cache-dir) COMPREPLY=($(compgen -f -- "$cur")); compopt -o filenames 2>/dev/null; return ;;
       esac
@@ -119,26 +122,26 @@ _cloak() {
       case "$prev" in
         --cache-dir) COMPREPLY=($(compgen -f -- "$cur")); compopt -o filenames 2>/dev/null; return ;;
       esac
-      COMPREPLY=($(compgen -W "--cache-dir --help tiny-sd tiny-sd-v mid-sd sd21-shaped sd21-base sd15 sd14 retinaface-r50 arcface-irse50 tiny-retinaface tiny-arcface codeformer parsing-parsenet guided-diffusion-256-uncond sd-x4-upscaler alexnet-imagenet vgg16-imagenet tiny-codeformer tiny-parsenet tiny-guided-diffusion tiny-sd-x4-upscaler tiny-alexnet-imagenet tiny-vgg16-imagenet vgg19-imagenet ip-adapter-image-encoder tiny-vgg19 tiny-clip-vision ip-adapter-sd15 ip-adapter-faceid-sd15 tiny-ip-adapter-sd15 tiny-ip-adapter-faceid-sd15 dlib-face dlib-resnet facenet-mtcnn brisque-svm clip-vit-b32 clip-rn50 liqe-mix niqe-pristine tiny-clip-vit-b32 tiny-clip-rn50 tiny-liqe tiny-niqe" -- "$cur")); return ;;
+      COMPREPLY=($(compgen -W "--cache-dir --help tiny-sd tiny-sd-v mid-sd sd21-shaped sd21-base sd15 sd14 retinaface-r50 arcface-irse50 tiny-retinaface tiny-arcface codeformer parsing-parsenet guided-diffusion-256-uncond sd-x4-upscaler alexnet-imagenet vgg16-imagenet tiny-codeformer tiny-parsenet tiny-guided-diffusion tiny-sd-x4-upscaler tiny-alexnet-imagenet tiny-vgg16-imagenet vgg19-imagenet ip-adapter-image-encoder tiny-vgg19 tiny-clip-vision ip-adapter-sd15 ip-adapter-faceid-sd15 tiny-ip-adapter-sd15 tiny-ip-adapter-faceid-sd15 insightface-scrfd-10g insightface-w600k-r50 tiny-scrfd-10g tiny-w600k-r50 dlib-face dlib-resnet facenet-mtcnn brisque-svm clip-vit-b32 clip-rn50 liqe-mix niqe-pristine tiny-clip-vit-b32 tiny-clip-rn50 tiny-liqe tiny-niqe" -- "$cur")); return ;;
     "models pull"*)
       case "$prev" in
         --cache-dir) COMPREPLY=($(compgen -f -- "$cur")); compopt -o filenames 2>/dev/null; return ;;
       esac
-      COMPREPLY=($(compgen -W "--cache-dir --help tiny-sd tiny-sd-v mid-sd sd21-shaped sd21-base sd15 sd14 retinaface-r50 arcface-irse50 tiny-retinaface tiny-arcface codeformer parsing-parsenet guided-diffusion-256-uncond sd-x4-upscaler alexnet-imagenet vgg16-imagenet tiny-codeformer tiny-parsenet tiny-guided-diffusion tiny-sd-x4-upscaler tiny-alexnet-imagenet tiny-vgg16-imagenet vgg19-imagenet ip-adapter-image-encoder tiny-vgg19 tiny-clip-vision ip-adapter-sd15 ip-adapter-faceid-sd15 tiny-ip-adapter-sd15 tiny-ip-adapter-faceid-sd15 dlib-face dlib-resnet facenet-mtcnn brisque-svm clip-vit-b32 clip-rn50 liqe-mix niqe-pristine tiny-clip-vit-b32 tiny-clip-rn50 tiny-liqe tiny-niqe" -- "$cur")); return ;;
+      COMPREPLY=($(compgen -W "--cache-dir --help tiny-sd tiny-sd-v mid-sd sd21-shaped sd21-base sd15 sd14 retinaface-r50 arcface-irse50 tiny-retinaface tiny-arcface codeformer parsing-parsenet guided-diffusion-256-uncond sd-x4-upscaler alexnet-imagenet vgg16-imagenet tiny-codeformer tiny-parsenet tiny-guided-diffusion tiny-sd-x4-upscaler tiny-alexnet-imagenet tiny-vgg16-imagenet vgg19-imagenet ip-adapter-image-encoder tiny-vgg19 tiny-clip-vision ip-adapter-sd15 ip-adapter-faceid-sd15 tiny-ip-adapter-sd15 tiny-ip-adapter-faceid-sd15 insightface-scrfd-10g insightface-w600k-r50 tiny-scrfd-10g tiny-w600k-r50 dlib-face dlib-resnet facenet-mtcnn brisque-svm clip-vit-b32 clip-rn50 liqe-mix niqe-pristine tiny-clip-vit-b32 tiny-clip-rn50 tiny-liqe tiny-niqe" -- "$cur")); return ;;
     "models rm"*)
       case "$prev" in
         --cache-dir) COMPREPLY=($(compgen -f -- "$cur")); compopt -o filenames 2>/dev/null; return ;;
       esac
-      COMPREPLY=($(compgen -W "--yes -y --dry-run --cache-dir --help tiny-sd tiny-sd-v mid-sd sd21-shaped sd21-base sd15 sd14 retinaface-r50 arcface-irse50 tiny-retinaface tiny-arcface codeformer parsing-parsenet guided-diffusion-256-uncond sd-x4-upscaler alexnet-imagenet vgg16-imagenet tiny-codeformer tiny-parsenet tiny-guided-diffusion tiny-sd-x4-upscaler tiny-alexnet-imagenet tiny-vgg16-imagenet vgg19-imagenet ip-adapter-image-encoder tiny-vgg19 tiny-clip-vision ip-adapter-sd15 ip-adapter-faceid-sd15 tiny-ip-adapter-sd15 tiny-ip-adapter-faceid-sd15 dlib-face dlib-resnet facenet-mtcnn brisque-svm clip-vit-b32 clip-rn50 liqe-mix niqe-pristine tiny-clip-vit-b32 tiny-clip-rn50 tiny-liqe tiny-niqe" -- "$cur")); return ;;
+      COMPREPLY=($(compgen -W "--yes -y --dry-run --cache-dir --help tiny-sd tiny-sd-v mid-sd sd21-shaped sd21-base sd15 sd14 retinaface-r50 arcface-irse50 tiny-retinaface tiny-arcface codeformer parsing-parsenet guided-diffusion-256-uncond sd-x4-upscaler alexnet-imagenet vgg16-imagenet tiny-codeformer tiny-parsenet tiny-guided-diffusion tiny-sd-x4-upscaler tiny-alexnet-imagenet tiny-vgg16-imagenet vgg19-imagenet ip-adapter-image-encoder tiny-vgg19 tiny-clip-vision ip-adapter-sd15 ip-adapter-faceid-sd15 tiny-ip-adapter-sd15 tiny-ip-adapter-faceid-sd15 insightface-scrfd-10g insightface-w600k-r50 tiny-scrfd-10g tiny-w600k-r50 dlib-face dlib-resnet facenet-mtcnn brisque-svm clip-vit-b32 clip-rn50 liqe-mix niqe-pristine tiny-clip-vit-b32 tiny-clip-rn50 tiny-liqe tiny-niqe" -- "$cur")); return ;;
     "models verify"*)
       case "$prev" in
         --cache-dir) COMPREPLY=($(compgen -f -- "$cur")); compopt -o filenames 2>/dev/null; return ;;
       esac
-      COMPREPLY=($(compgen -W "--cache-dir --help tiny-sd tiny-sd-v mid-sd sd21-shaped sd21-base sd15 sd14 retinaface-r50 arcface-irse50 tiny-retinaface tiny-arcface codeformer parsing-parsenet guided-diffusion-256-uncond sd-x4-upscaler alexnet-imagenet vgg16-imagenet tiny-codeformer tiny-parsenet tiny-guided-diffusion tiny-sd-x4-upscaler tiny-alexnet-imagenet tiny-vgg16-imagenet vgg19-imagenet ip-adapter-image-encoder tiny-vgg19 tiny-clip-vision ip-adapter-sd15 ip-adapter-faceid-sd15 tiny-ip-adapter-sd15 tiny-ip-adapter-faceid-sd15 dlib-face dlib-resnet facenet-mtcnn brisque-svm clip-vit-b32 clip-rn50 liqe-mix niqe-pristine tiny-clip-vit-b32 tiny-clip-rn50 tiny-liqe tiny-niqe" -- "$cur")); return ;;
+      COMPREPLY=($(compgen -W "--cache-dir --help tiny-sd tiny-sd-v mid-sd sd21-shaped sd21-base sd15 sd14 retinaface-r50 arcface-irse50 tiny-retinaface tiny-arcface codeformer parsing-parsenet guided-diffusion-256-uncond sd-x4-upscaler alexnet-imagenet vgg16-imagenet tiny-codeformer tiny-parsenet tiny-guided-diffusion tiny-sd-x4-upscaler tiny-alexnet-imagenet tiny-vgg16-imagenet vgg19-imagenet ip-adapter-image-encoder tiny-vgg19 tiny-clip-vision ip-adapter-sd15 ip-adapter-faceid-sd15 tiny-ip-adapter-sd15 tiny-ip-adapter-faceid-sd15 insightface-scrfd-10g insightface-w600k-r50 tiny-scrfd-10g tiny-w600k-r50 dlib-face dlib-resnet facenet-mtcnn brisque-svm clip-vit-b32 clip-rn50 liqe-mix niqe-pristine tiny-clip-vit-b32 tiny-clip-rn50 tiny-liqe tiny-niqe" -- "$cur")); return ;;
     "methods"*)
       case "$prev" in
       esac
-      COMPREPLY=($(compgen -W "--json --help advdm apdm aspl attack brisque cap clipiqa clipiqa-c ddspure diffpure diffshortcut dladiff dreambooth fdfr fsmg gaussian gridpure immunize impress ims ipadapter ism jpeg ldiffpure linf liqe lora lpips metacloak mist niqe photoguard protect psnr purify score serfiq show simac ssim tvm" -- "$cur")); return ;;
+      COMPREPLY=($(compgen -W "--json --help advdm apdm aspl aspl-lora attack brisque cap clipiqa clipiqa-c ddspure diffpure diffshortcut dladiff dreambooth fdfr fsmg gaussian gridpure idmatch immunize impress ims ipadapter ism jpeg ldiffpure linf liqe lora lpips metacloak mist niqe photoguard pid protect psnr purify score sds-minus sds-plus sds-t serfiq show simac ssim tvm" -- "$cur")); return ;;
     "config")
       case "$prev" in
       esac
@@ -153,6 +156,13 @@ _cloak() {
       case "$prev" in
       esac
       COMPREPLY=($(compgen -W "--help bash zsh fish" -- "$cur")); return ;;
+    "eval"*)
+      case "$prev" in
+        --executor) COMPREPLY=(); return ;;
+        --ray-address) COMPREPLY=(); return ;;
+        --workers) COMPREPLY=(); return ;;
+      esac
+      if [[ "$cur" == -* ]]; then COMPREPLY=($(compgen -W "--executor --ray-address --workers --dry-run --force --resume --jsonl --quiet -q --verbose -v --help" -- "$cur")); else COMPREPLY=($(compgen -f -- "$cur")); compopt -o filenames 2>/dev/null; fi; return ;;
   esac
 }
 complete -F _cloak cloak
