@@ -102,7 +102,7 @@ def test_memory_low_is_recorded_and_sets_the_tier(tmp_path, image_dir, cli):
     r = cli("protect", str(image_dir), str(out), "--tiny", "--method", "aspl", "--memory", "low", "-o",
             "class_images=0", "-o", "iterations=1", "-o", "surrogate_steps=1", "-o", "pgd_steps=1",
             "-o", "pgd_batch=2")
-    assert r.exit_code == 0, r.output
+    assert r.exit_code == 0, r.stderr
     report = json.loads((out / "report.json").read_text())
     assert report["params"]["memory"] == {"value": "low", "source": "flag"}
     memory = report["summary"]["memory"]

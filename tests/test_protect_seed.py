@@ -191,6 +191,7 @@ class _AttentionCtx:
     def __init__(self, seed: int = 0):
         self.generator = torch.Generator().manual_seed(seed)
         self.compat = False
+        self.dtype = torch.float32  # the run's dtype (autocast_for reads it)
 
 
 def _attention_setup(tiny_sd, **options):

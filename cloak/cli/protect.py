@@ -24,7 +24,8 @@ is refused; above 32/255 needs --force-budget. An output identical to its input 
 
 [bold]Default budgets[/bold] (eps; `cloak methods show NAME` for every option):
 
-  aspl, fsmg, cap, dladiff   6.375/255 = 0.025 (01) = 0.05 (m11)
+  aspl, aspl-lora, fsmg,     6.375/255 = 0.025 (01) = 0.05 (m11)
+  cap, dladiff
 
   simac                      8/255 = 0.03137 (01) = 0.06275 (m11)
 
@@ -32,7 +33,10 @@ is refused; above 32/255 needs --force-budget. An output identical to its input 
 
   metacloak                  11/255 = 0.04314 (01) = 0.08627 (m11)
 
-  advdm, mist                16/255 = 0.06275 (01) = 0.1255 (m11)
+  pid                        12.75/255 = 0.05 (01) = 0.1 (m11)
+
+  advdm, mist, sds-plus,     16/255 = 0.06275 (01) = 0.1255 (m11)
+  sds-minus, sds-t
 
   dladiff eps_zs (layer 2)   8/255 = 0.03137 (01) = 0.06275 (m11)
 

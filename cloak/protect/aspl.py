@@ -217,6 +217,10 @@ class Aspl(ProtectMethod):
         if self.ctx.compat or not _same_shapes(surrogate.unet, sd.unet) or \
                 not _same_shapes(surrogate.text_encoder, sd.text_encoder):
             return surrogate  # --compat casts f to bf16 in place: keep it off the shared modules
+        if surrogate.unet is sd.unet:
+            return surrogate  # a LoRA surrogate already trains adapters on the shared modules
+        if next(surrogate.unet.parameters()).dtype != next(sd.unet.parameters()).dtype:
+            return surrogate  # fp32 master weights over a bf16 base (--dtype bf16): f must stay a copy
         with torch.no_grad():  # f's tensors as a copy would hold them (loaded tensors may sit at any offset
             for p in (*sd.unet.parameters(), *sd.text_encoder.parameters()):  # of a mapped file, and kernels
                 p.data = p.data.clone()  # round differently on differently aligned memory)
