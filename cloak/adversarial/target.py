@@ -38,3 +38,16 @@ def load_target(path: Path, size: tuple[int, int]) -> torch.Tensor:
 def describe(path: Path, source: str) -> dict:
     """What the report says about a target: where it came from and its digest."""
     return {"path": str(path), "source": source, "sha256": file_sha256(Path(path))}
+
+
+def textural_distances(vae, pixels: torch.Tensor, target_mean: torch.Tensor, scaling: float,
+                       batch_size: int) -> torch.Tensor:
+    """Per image, the squared distance between the VAE posterior mean of ``pixels`` and the target's
+    latent ``target_mean`` (scaled latents): Mist's and SDS-T's textural distance, with posterior means
+    so that clean and protected sets compare deterministically."""
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(pixels), batch_size):
+            z = vae.encode(pixels[i:i + batch_size].to(vae.device, vae.dtype)).latent_dist.mean
+            out.append(((z.float() - target_mean.float()) * scaling).pow(2).flatten(1).sum(1).cpu())
+    return torch.cat(out)

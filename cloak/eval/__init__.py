@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cloak._progress import _duration
 from cloak.eval.cells import Cell, Step, build, cached, read_marker
 from cloak.eval.plan import Plan, PlanError, load_plan
 
@@ -35,15 +36,6 @@ class EvalRun:
     @property
     def failed(self) -> int:
         return sum(1 for c in self.cells if c["status"] != "ok")
-
-
-def _duration(seconds: float) -> str:
-    seconds = max(0, int(round(seconds)))
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 class Tracker:

@@ -25,7 +25,7 @@ import torch
 from pydantic import Field
 
 from cloak.adversarial.per_image import ImageStreams, per_image_pgd
-from cloak.adversarial.target import describe, load_target, target_path
+from cloak.adversarial.target import describe, load_target, target_path, textural_distances
 from cloak.diffusion import LatentCache, denoising_loss, encode_prompts
 from cloak.diffusion.dreambooth import autocast_for
 from cloak.diffusion.vae import load_vae
@@ -136,15 +136,8 @@ class Mist(ProtectMethod):
                                      "start), last = mean over the last 10 % of steps"}
         if textural:
             # The textural distance with posterior means: deterministic, comparable clean vs protected.
-            with torch.no_grad():
-                def mean_distance(pixels: torch.Tensor) -> torch.Tensor:
-                    out = []
-                    for i in range(0, len(pixels), o.batch_size):
-                        z = vae.encode(pixels[i:i + o.batch_size].to(vae.device, vae.dtype)).latent_dist.mean
-                        out.append(((z.float() - target.mean.float()) * scaling).pow(2).flatten(1).sum(1).cpu())
-                    return torch.cat(out)
-
-                before, after = mean_distance(x0), mean_distance(run.pixels)
+            before, after = (textural_distances(vae, pixels, target.mean, scaling, o.batch_size)
+                             for pixels in (x0, run.pixels))
             for rec, a, b in zip(records, before, after):
                 rec.update(textural_distance_clean=float(a), textural_distance=float(b))
             summary.update(target=target_info, textural_distance_clean=float(before.mean()),

@@ -25,7 +25,7 @@ import torch
 from pydantic import Field
 
 from cloak.adversarial.per_image import ImageStreams, per_image_pgd
-from cloak.adversarial.target import describe, load_target, target_path
+from cloak.adversarial.target import describe, load_target, target_path, textural_distances
 from cloak.diffusion import LatentCache, encode_prompts
 from cloak.diffusion.dreambooth import autocast_for
 from cloak.diffusion.sds import score_residual
@@ -122,15 +122,8 @@ class _ScoreDistillation(ProtectMethod):
                                      "L_dn of the frozen model") + " on one random draw per step; first = the "
                                      "first step, last = mean over the last 10 % of steps; noisy estimates"}
         if self.targeted:
-            with torch.no_grad():
-                def mean_distance(pixels: torch.Tensor) -> torch.Tensor:
-                    out = []
-                    for i in range(0, len(pixels), o.batch_size):
-                        z = vae.encode(pixels[i:i + o.batch_size].to(vae.device, vae.dtype)).latent_dist.mean
-                        out.append(((z.float() - target.mean.float()) * scaling).pow(2).flatten(1).sum(1).cpu())
-                    return torch.cat(out)
-
-                before, after = mean_distance(x0), mean_distance(run.pixels)
+            before, after = (textural_distances(vae, pixels, target.mean, scaling, o.batch_size)
+                             for pixels in (x0, run.pixels))
             for rec, a, b in zip(records, before, after):
                 rec.update(textural_distance_clean=float(a), textural_distance=float(b))
             summary.update(target=target_info, target_rate=o.target_rate, textural_distance_clean=float(before.mean()),
