@@ -22,7 +22,6 @@ import math
 from types import SimpleNamespace
 
 import numpy as np
-import pytest
 import torch
 from conftest import identity_set
 from PIL import Image
@@ -133,8 +132,8 @@ def test_ldiffpure_brings_an_advdm_photo_closer_to_the_clean_one(tiny_sd, tmp_pa
     0.0010/0.0003/0.0001 against 0.0146/0.0147/0.0152.
 
     Not asserted, because it does not hold here: LDiffPure beating a Gaussian blur. A σ = 1 blur of the
-    protected photo is at MSE 0.0048/0.0036/0.0027 from clean, better than LDiffPure at either t; the stand-in's prior knows
-    no more than a blur does about these photos, and the sampler adds its own variance."""
+    protected photo is at MSE 0.0048/0.0036/0.0027 from clean, better than LDiffPure at either t; the stand-in's
+    prior knows no more than a blur does about these photos, and the sampler adds its own variance."""
     from cloak.io.images import read_images
     from cloak.protect.advdm import AdvDM
 
