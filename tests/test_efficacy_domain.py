@@ -135,8 +135,8 @@ def test_easpl_raises_the_attackers_loss_more_than_noise(domain_base, tmp_path):
     eps = 0.1  # m11, as the family test
     rep = _ok(run_cli("protect", "--method", "aspl", "--model", domain_base, "--json", "--seed", "0",
                       "--eps", str(eps), "--eps-unit", "m11", "-o", "class_images=0",
-                      "-o", f"models={domain_base},{domain_base}", "-o", "iterations=3", "-o", "surrogate_steps=1", "-o", "pgd_steps=4", "--ref", ref, subject,
-                      tmp_path / "P"))
+                      "-o", f"models={domain_base},{domain_base}", "-o", "iterations=3", "-o", "surrogate_steps=1",
+                      "-o", "pgd_steps=4", "--ref", ref, subject, tmp_path / "P"))
     assert len(rep["summary"]["ensemble"]) == 2 and rep["summary"]["pgd_steps"] == 3 * 4 * 2
     write_sign_noise(subject, tmp_path / "N", round(eps * 127.5))
     losses = {name: attacker_loss(folder, tmp_path / f"atk_{name}", domain_base)
