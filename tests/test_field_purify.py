@@ -16,3 +16,116 @@ def test_noise_stage_is_clipped_8_bit_gaussian_in_01_units():
     assert abs(std01 - 0.1) < 0.005, std01  # σ in [0,1] units
     white = add_gaussian_noise(torch.ones(1, 3, 16, 16), 0.1, torch.Generator().manual_seed(0))
     assert float(white.max()) <= 1 and float(white.min()) < 1  # clipped at the top, noisy below
+
+
+# ------------------------------------------------------------------------------------------------ shared helpers
+
+
+def _method(cls, cache, seed=0, **opts):
+    """A purifier on the built-in stand-ins with a CPU context, prepared."""
+    from cloak._progress import Progress
+    from cloak.methods import RunContext
+    from cloak.models.handle import Models
+
+    ctx = RunContext(models=Models(cache_dir=cache, tiny=True), model="tiny-sd", device=torch.device("cpu"),
+                     dtype=torch.float32, seed=seed, generator=torch.Generator().manual_seed(seed), resolution=64,
+                     cache_dir=cache, progress=Progress())
+    m = cls(cls.Options(**opts), ctx)
+    m.prepare()
+    return m
+
+
+def _record_calls(module):
+    """Keyword arguments and inputs of every forward call of ``module`` (a forward pre-hook)."""
+    calls = []
+
+    def hook(_mod, args, kwargs):
+        calls.append({"args": [a.detach().clone() if torch.is_tensor(a) else a for a in args],
+                      **{k: v.detach().clone() if torch.is_tensor(v) else v for k, v in kwargs.items()}})
+
+    module.register_forward_pre_hook(hook, with_kwargs=True)
+    return calls
+
+
+def _cosine_abar(t: int) -> float:
+    """ᾱ_t of the 1000-step cosine schedule (Nichol & Dhariwal; IF's get_named_beta_schedule('cosine')):
+    ā((t+1)/T)/ā(0) with ā(s) = cos²((s + 0.008)/1.008 · π/2), far from the 0.999 β cap here."""
+    import math
+
+    f = lambda s: math.cos((s + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+    return f((t + 1) / 1000) / f(0)
+
+
+# ------------------------------------------------------------------------------------------------ PDM-Pure
+
+
+def test_pdm_pure_working_sizes_follow_deepfloyd_if():
+    from cloak.purify.pdm_pure import canvas_size, working_size
+
+    assert working_size(512, 512, 64) == (64, 64) and working_size(512, 512, 256) == (256, 256)
+    assert working_size(768, 512, 64) == (96, 64)  # short side 64, long side ×1.5, multiple of 8
+    assert working_size(512, 1024, 64) == (64, 128)
+    assert canvas_size(96, 64) == (384, 256)  # ×4 (img_scale), floored to 32
+    assert canvas_size(80, 64) == (320, 256)  # the release's 256-px support would be 304 wide here (it asserts)
+
+
+def test_pdm_pure_runs_the_released_schedule_and_pipeline_calls(shared_cache, monkeypatch):
+    """Noise level reached (t* = 44 of the respacing 0, 11, …, 99), the whole chain sampled from t = 99,
+    the condition re-noised at aug level 250 per call and row, guidance rows (prompt, empty prompt), then
+    the upscaler with DDPM, 50 steps, guidance 4, noise level 20 and the prompt; native size; seeded."""
+    import cloak.models.restoration as restoration
+    from cloak.models.deepfloyd import t5_embeddings
+    from cloak.purify.pdm_pure import PDMPure
+
+    sr_calls = []
+    real_upscale4 = restoration.upscale4
+
+    def spy(pipe, image, prompt, **kw):
+        sr_calls.append({"scheduler": type(pipe.scheduler).__name__, "prediction": pipe.scheduler.config.prediction_type,
+                         "prompt": prompt, "size": tuple(image.shape[-2:]), "range": (float(image.min()),
+                                                                                      float(image.max())), **kw})
+        return real_upscale4(pipe, image, prompt, **{**kw, "steps": 1})  # the calls are checked, not the 50 steps
+
+    monkeypatch.setattr(restoration, "upscale4", spy)
+    m = _method(PDMPure, shared_cache, size=32)
+    calls = _record_calls(m.unet)
+    image = torch.full((1, 3, 40, 48), 0.5)  # h 40, w 48: not square, not a multiple of 32
+    out = m(image)
+    assert out.shape == image.shape  # native size
+
+    steps = [int(c["args"][1]) for c in calls]
+    assert steps == [99, 88, 77, 66, 55, 44, 33, 22, 11, 0]  # space_timesteps(1000, "10,0,…,0"), all sampled
+    assert m.record["t_star"] == 44 and m.record["first_step_t"] == 99 and m.record["canvas"] == [32, 32]
+    first = calls[0]["args"][0]
+    assert first.shape == (2, 6, 32, 32)  # [prompt, unconditional] × [x_t, noised condition]
+    x_t, cond = first[0, :3], first[:, 3:]
+    abar, aug = _cosine_abar(44), _cosine_abar(250)
+    assert abs(float(x_t.mean()) - abar ** 0.5 * 0.5) < 0.03  # the support (constant 0.5) at ᾱ_44
+    assert abs(float(x_t.std()) - (1 - abar) ** 0.5) < 0.1 * (1 - abar) ** 0.5
+    assert abs(float(cond.mean()) - aug ** 0.5 * 0.5) < 0.03
+    assert abs(float(cond.std()) - (1 - aug) ** 0.5) < 0.08 * (1 - aug) ** 0.5
+    assert not torch.equal(cond[0], cond[1])  # each row its own augmentation draw…
+    assert not torch.equal(calls[1]["args"][0][:, 3:], cond)  # …and a new one at every call
+    assert all(torch.equal(c["class_labels"], torch.tensor([250, 250])) for c in calls)
+    text = t5_embeddings(m.ctx.models.resolve("deepfloyd-if-t5", "t")[1], ["a picture", ""], torch.device("cpu"),
+                         torch.float32)
+    assert torch.equal(calls[0]["encoder_hidden_states"], text)
+
+    (sr,) = sr_calls
+    assert (sr["scheduler"], sr["prediction"]) == ("DDPMScheduler", "v_prediction")
+    assert (sr["prompt"], sr["steps"], sr["guidance"], sr["noise_level"]) == ("a picture", 50, 4.0, 20)
+    assert sr["size"] == (32, 32) and 0 <= sr["range"][0] and sr["range"][1] <= 1
+
+    assert torch.equal(_method(PDMPure, shared_cache, size=32)(image), out)  # same seed, same result
+    assert not torch.equal(_method(PDMPure, shared_cache, seed=1, size=32)(image), out)
+
+
+def test_pdm_pure_plain_sdedit_start_and_stage2_only(shared_cache):
+    from cloak.purify.pdm_pure import PDMPure
+
+    m = _method(PDMPure, shared_cache, size=32, start="noised", sr=False)
+    calls = _record_calls(m.unet)
+    image = torch.zeros(1, 3, 30, 20)
+    out = m(image)
+    assert [int(c["args"][1]) for c in calls] == [44, 33, 22, 11, 0]
+    assert m.sr_pipe is None and out.shape == image.shape
