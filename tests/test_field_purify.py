@@ -129,3 +129,58 @@ def test_pdm_pure_plain_sdedit_start_and_stage2_only(shared_cache):
     out = m(image)
     assert [int(c["args"][1]) for c in calls] == [44, 33, 22, 11, 0]
     assert m.sr_pipe is None and out.shape == image.shape
+
+
+# ------------------------------------------------------------------------------------------------ Noisy Upscaling
+
+
+def test_noisy_upscale_calls_the_upscaler_as_released(shared_cache, monkeypatch):
+    """σ 0.1 noise, then the upscaler with 75 steps, guidance 9, told noise level 320 while its input is noised
+    at 320 − noise_level_sub 320 = 0 (the fork's semantics, checked inside the UNet's inputs); native size;
+    seeded."""
+    import cloak.models.restoration as restoration
+    from cloak.purify.noisy_upscale import NoisyUpscaling, add_gaussian_noise
+
+    o = NoisyUpscaling.Options()
+    assert (o.noise_std, o.sr_noise_level, o.sr_input_noise_level, o.sr_input) == (0.1, 320, 0, "full")
+    sr_calls = []
+    real_upscale4 = restoration.upscale4
+
+    def spy(pipe, image, prompt, **kw):
+        sr_calls.append({"prompt": prompt, "size": image.size, **kw})
+        return real_upscale4(pipe, image, prompt, **{**kw, "steps": 2})  # the calls are checked, not 75 steps
+
+    monkeypatch.setattr(restoration, "upscale4", spy)
+    m = _method(NoisyUpscaling, shared_cache, seed=5)
+    calls = _record_calls(m.pipe.unet)
+    image = torch.linspace(-0.8, 0.8, 40 * 48 * 3).reshape(1, 3, 40, 48)
+    out = m(image)
+    assert out.shape == image.shape
+    (sr,) = sr_calls
+    assert (sr["steps"], sr["guidance"], sr["noise_level"], sr["low_res_noise_level"]) == (75, 9.0, 320, 0)
+    assert sr["size"] == (48, 40) and sr["prompt"] == "a photo of a person"  # the noisy image at its own size
+
+    noisy = add_gaussian_noise(image, 0.1, torch.Generator().manual_seed(5))  # the same first draw
+    for call in calls:
+        assert torch.equal(call["class_labels"], torch.tensor([320, 320]))
+        lowres = call["args"][0][:, 4:]  # after the 4 latent channels: the conditioning image
+        residual = float((lowres - noisy).std())
+        assert residual < 0.02, residual  # noised at level 0 (std 0.01), not at 320 (≈ 0.55)
+    assert torch.equal(_method(NoisyUpscaling, shared_cache, seed=5)(image), out)
+    assert not torch.equal(_method(NoisyUpscaling, shared_cache, seed=6)(image), out)
+
+
+def test_upscale4_noises_its_input_at_the_level_asked(shared_cache):
+    """Stock behaviour (input noised at the label's level) unless a separate input level is given."""
+    from cloak.models.restoration import upscale4
+    from cloak.purify.noisy_upscale import NoisyUpscaling
+
+    pipe = _method(NoisyUpscaling, shared_cache).pipe
+    calls = _record_calls(pipe.unet)
+    image = torch.zeros(1, 3, 16, 16)
+    for level in (None, 320):
+        upscale4(pipe, (image + 1) / 2, "a", steps=1, guidance=1.0, noise_level=320, low_res_noise_level=level,
+                 generator=torch.Generator().manual_seed(0))
+    stock, same = (float(c["args"][0][:, 4:].std()) for c in calls)
+    assert abs(stock - (1 - 0.69946) ** 0.5) < 0.05 and stock == same  # ᾱ_320 of the low-res scheduler
+    assert "add_noise" not in vars(pipe.low_res_scheduler)  # the shadowing is undone after the call
