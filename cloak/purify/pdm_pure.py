@@ -95,7 +95,8 @@ class PDMPure(PurifyMethod):
             ("if-ii", str(if_path), str(models.device), str(models.dtype)),
             lambda: load_if_stage2(if_path, models.device, models.dtype))
         self.scheduler_config = scheduler_config
-        # [prompt, unconditional]; IF's unconditional embedding is T5 of the empty prompt.
+        # [prompt, unconditional]: T5 of the empty prompt, as diffusers' IF pipelines (IF itself loads a stored
+        # vector) [PROP].
         self.text = t5_embeddings(t5_path, [o.prompt, ""], models.device, models.dtype)
         self.sr_pipe = with_ddpm_sampler(upscaler(models)) if o.sr else None
 
