@@ -58,7 +58,6 @@ class PDMPure(PurifyMethod):
                             "hub, log in, then `cloak models pull deepfloyd-if-ii-l deepfloyd-if-t5`; the T5 "
                             "tokenizer needs `pip install sentencepiece protobuf`. Efficacy is NOT verified in "
                             "cloak: the built-in stand-ins have random weights.")
-    proposals: ClassVar[tuple[str, ...]] = ("start",)
     uses_models: ClassVar[bool] = True
 
     class Options(MethodOptions):
