@@ -184,3 +184,17 @@ def test_upscale4_noises_its_input_at_the_level_asked(shared_cache):
     stock, same = (float(c["args"][0][:, 4:].std()) for c in calls)
     assert abs(stock - (1 - 0.69946) ** 0.5) < 0.05 and stock == same  # ᾱ_320 of the low-res scheduler
     assert "add_noise" not in vars(pipe.low_res_scheduler)  # the shadowing is undone after the call
+
+
+def test_t5_runs_in_bfloat16_when_float16_is_asked(shared_cache):
+    """T5 v1.1 overflows in float16: the encoder runs in bfloat16 (as IF's T5Embedder) and only its output is
+    cast."""
+    from cloak.models.deepfloyd import t5_embeddings
+    from cloak.models.handle import Models
+
+    path = Models(cache_dir=shared_cache, tiny=True).resolve("deepfloyd-if-t5", "t")[1]
+    cpu = torch.device("cpu")
+    half = t5_embeddings(path, ["a picture"], cpu, torch.float16)
+    assert half.dtype == torch.float16 and bool(torch.isfinite(half).all())
+    assert torch.equal(half, t5_embeddings(path, ["a picture"], cpu, torch.bfloat16).to(torch.float16))
+    assert not torch.equal(half, t5_embeddings(path, ["a picture"], cpu, torch.float32).to(torch.float16))

@@ -145,9 +145,11 @@ def t5_embeddings(path: Path, prompts: list[str], device: torch.device, dtype: t
         raise ModelUnavailableError(f"cannot load the T5 tokenizer from {path}: {exc}",
                                     hint="the published tokenizer is a sentencepiece model: pip install "
                                          "sentencepiece protobuf") from None
+    # T5 v1.1 overflows in float16; IF's T5Embedder runs it in bfloat16.
+    run_dtype = torch.bfloat16 if dtype == torch.float16 else dtype
     try:
         encoder = T5EncoderModel.from_pretrained(path, subfolder="text_encoder", local_files_only=True,
-                                                 torch_dtype=dtype)
+                                                 torch_dtype=run_dtype)
     except (OSError, ValueError) as exc:
         raise ModelUnavailableError(f"cannot load the T5 encoder from {path}: {exc}",
                                     hint="cloak models pull deepfloyd-if-t5 (gated: accept the DeepFloyd IF "
