@@ -157,7 +157,7 @@ class FaceRestorer:
     # [PROP] Larger images are not shrunk for detection: CodeFormer's helper only enlarged ("scale = max(1,
     # scale)") until sczhou/CodeFormer a75e7ae (2024-09) commented that out, so that HD images are shrunk to a
     # 640 short side (INTER_AREA) too. DiffShortcut (2024-06) ran the earlier code; det_shrink=True follows
-    # today's CodeFormer.
+    # today's CodeFormer (``cloak purify --method diffshortcut -o det_shrink=true``).
     det_shrink: bool = False
     compat: bool = False
     face_size: int = field(init=False)
@@ -306,8 +306,9 @@ class FaceRestorer:
         return out, {"faces_detected": len(faces), "faces_restored": len(restored)}
 
 
-def face_restorer(models, *, compat: bool = False) -> FaceRestorer:
-    """CodeFormer + RetinaFace + ParseNet through the ``Models`` handle (stand-ins with --tiny), loaded once."""
+def face_restorer(models, *, compat: bool = False, det_shrink: bool = False) -> FaceRestorer:
+    """CodeFormer + RetinaFace + ParseNet through the ``Models`` handle (stand-ins with --tiny), loaded once per
+    setting (``det_shrink``: see :class:`FaceRestorer`)."""
     from cloak.models import faces as faces_mod
 
     _, cf_dir, _ = models.resolve("codeformer", "restorer")
@@ -317,9 +318,10 @@ def face_restorer(models, *, compat: bool = False) -> FaceRestorer:
 
     def build() -> FaceRestorer:
         return FaceRestorer(load_codeformer_dir(cf_dir, device), faces_mod.load_retinaface(det_dir, str(device)),
-                            load_parsenet(parse_dir, device), device, compat=compat)
+                            load_parsenet(parse_dir, device), device, det_shrink=det_shrink, compat=compat)
 
-    return models.memo(("face-restorer", str(cf_dir), str(det_dir), str(parse_dir), str(device), compat), build)
+    return models.memo(("face-restorer", str(cf_dir), str(det_dir), str(parse_dir), str(device), compat, det_shrink),
+                       build)
 
 
 # ------------------------------------------------------------------------------------------------ SD ×4 upscaler
