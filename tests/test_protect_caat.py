@@ -12,8 +12,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import pngs, write_images, write_sign_noise
-from test_protect_family import _one_thread, domain_base, identity_set  # noqa: F401  (fixtures)
+from conftest import identity_set, pngs, write_images, write_sign_noise
+from test_protect_family import _one_thread  # noqa: F401  (the fixture: one intra-op thread)
 from test_protect_groups import InterruptingProgress
 
 from cloak._verb import Common
