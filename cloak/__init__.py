@@ -24,6 +24,11 @@ if TYPE_CHECKING:
 
 __version__ = "0.1.0"
 
+# diffusers' model-family packages import only the model files a run uses (cloak/_lazy_imports.py).
+from cloak import _lazy_imports as _lazy_imports
+
+_lazy_imports.install()
+
 
 def _split(run_kwargs: dict[str, Any], common_values: dict[str, Any]):
     """Common flags (and any flag another version adds to ``Common``) for the shared set-up; the rest,

@@ -1,14 +1,16 @@
 """Load diffusers' model families on demand, so ``import UNet2DConditionModel`` does not import all of them.
 
-diffusers' top level is lazy, but three of its subpackages are not: ``diffusers.models.transformers``,
-``diffusers.models.autoencoders`` and ``diffusers.models.unets`` import every model file in their
-``__init__``. SD's UNet imports ``unets.unet_2d_blocks``, which imports ``transformers.dual_transformer_2d``,
-which runs ``transformers/__init__``: ~80 transformer families (ACE-Step pulls peft and transformers'
-loss zoo, AuraFlow pulls the single-file loader and scipy.stats, ...). On a 2-core CPU that is about
-two thirds of ``from diffusers import UNet2DConditionModel`` (measured in ``tests/test_import_budget.py``'s
-module counts and ``python -X importtime``).
+diffusers' top level is lazy, but four of its subpackages are not: ``diffusers.models.transformers``,
+``diffusers.models.autoencoders``, ``diffusers.models.unets`` and ``diffusers.hooks`` import every file
+in their ``__init__``. SD's UNet imports ``unets.unet_2d_blocks``, which imports
+``transformers.dual_transformer_2d``, which runs ``transformers/__init__``: ~80 transformer families,
+~40 autoencoders, every UNet and hook. For SD that is ~145 modules nobody uses (diffusers 0.42.1:
+3,886 modules instead of 4,036 for the imports of ``Models.sd``; ``tests/test_import_budget.py``).
+The heavy libraries those files pull in (peft, transformers' modeling code, scipy.stats, torch._dynamo)
+are imported anyway by the files SD does need (``loaders.lora_base``, ``CLIPTextModel``, the schedulers,
+``torch.optim``), so the saving is those files' own import time, not the libraries'.
 
-:func:`install` adds a ``sys.meta_path`` finder for exactly those three packages. It finds each package
+:func:`install` adds a ``sys.meta_path`` finder for exactly those four packages. It finds each package
 with the ordinary path finder (same ``__path__``, same ``__file__``) and, instead of running its
 ``__init__``, gives it a module ``__getattr__`` that imports ``.submodule`` and returns the name the first
 time a name is asked for. ``from diffusers.models.transformers import X``, ``import
@@ -87,6 +89,8 @@ def exported_names(init_file: Path, package: str) -> dict[str, str] | None:
                         and not test.args and not test.keywords and test.func.id in names):
                     return False
                 module, attr = names[test.func.id].split(":")
+                if module == package or module.startswith(package + "."):
+                    return False  # asking it would import the package being found
                 try:
                     taken = bool(getattr(importlib.import_module(module), attr)())
                 except Exception:  # noqa: BLE001 - any surprise means: not the checked shape
