@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from cloak import _lazy_imports
+
 if TYPE_CHECKING:
     from collections.abc import Callable
     from os import PathLike
@@ -25,8 +27,6 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 # diffusers' model-family packages import only the model files a run uses (cloak/_lazy_imports.py).
-from cloak import _lazy_imports as _lazy_imports
-
 _lazy_imports.install()
 
 
