@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from cloak import _lazy_imports
+
 if TYPE_CHECKING:
     from collections.abc import Callable
     from os import PathLike
@@ -23,6 +25,9 @@ if TYPE_CHECKING:
     from cloak.io.report import Report
 
 __version__ = "0.1.0"
+
+# diffusers' model-family packages import only the model files a run uses (cloak/_lazy_imports.py).
+_lazy_imports.install()
 
 
 def _split(run_kwargs: dict[str, Any], common_values: dict[str, Any]):

@@ -1,0 +1,162 @@
+"""Load diffusers' model families on demand, so ``import UNet2DConditionModel`` does not import all of them.
+
+diffusers' top level is lazy, but four of its subpackages are not: ``diffusers.models.transformers``,
+``diffusers.models.autoencoders``, ``diffusers.models.unets`` and ``diffusers.hooks`` import every file
+in their ``__init__``. SD's UNet imports ``unets.unet_2d_blocks``, which imports
+``transformers.dual_transformer_2d``, which runs ``transformers/__init__``: ~80 transformer families,
+~40 autoencoders, every UNet and hook. For SD that is ~145 modules nobody uses (diffusers 0.42.1:
+3,886 modules instead of 4,036 for the imports of ``Models.sd``; ``tests/test_import_budget.py``).
+The heavy libraries those files pull in (peft, transformers' modeling code, scipy.stats, torch._dynamo)
+are imported anyway by the files SD does need (``loaders.lora_base``, ``CLIPTextModel``, the schedulers,
+``torch.optim``), so the saving is those files' own import time, not the libraries'.
+
+:func:`install` adds a ``sys.meta_path`` finder for exactly those four packages. It finds each package
+with the ordinary path finder (same ``__path__``, same ``__file__``) and, instead of running its
+``__init__``, gives it a module ``__getattr__`` that imports ``.submodule`` and returns the name the first
+time a name is asked for. ``from diffusers.models.transformers import X``, ``import
+diffusers.models.unets.unet_2d_condition``, ``getattr(diffusers, "AutoencoderKL")``,
+``from_pretrained`` and pipelines behave as before; only the files nobody asks for are not imported.
+
+It applies only where this is provably the same namespace: the ``__init__`` must consist of nothing
+but relative ``from .module import Name`` statements, optionally under ``if is_torch_available():``
+(read with ``ast``, not executed), and diffusers' version must be one this was checked on. Anything
+else, and ``CLOAK_EAGER_IMPORTS=1``, gets the plain import. A package already imported is left alone.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import importlib.abc
+import importlib.machinery
+import os
+import sys
+import types
+from pathlib import Path
+
+LAZY_PACKAGES = ("diffusers.models.transformers", "diffusers.models.autoencoders", "diffusers.models.unets",
+                 "diffusers.hooks")
+# diffusers releases whose three __init__ files have the checked shape (pyproject's floor to the newest
+# one read); a newer minor gets the plain import until it is checked and added here.
+CHECKED_DIFFUSERS = ((0, 30), (0, 42))
+_GUARDS = ("is_torch_available",)  # the only conditions the __init__ files may test
+ENV_EAGER = "CLOAK_EAGER_IMPORTS"
+
+
+def _diffusers_version_checked() -> bool:
+    diffusers = sys.modules.get("diffusers")
+    version = getattr(diffusers, "__version__", "")
+    try:
+        major, minor = (int(part) for part in version.split(".")[:2])
+    except ValueError:
+        return False
+    return CHECKED_DIFFUSERS[0] <= (major, minor) <= CHECKED_DIFFUSERS[1]
+
+
+def _absolute(package: str, module: str | None, level: int) -> str:
+    base = package.rsplit(".", level - 1)[0] if level > 1 else package
+    return f"{base}.{module}" if module else base
+
+
+def exported_names(init_file: Path, package: str) -> dict[str, str] | None:
+    """``{name: absolute module}`` that ``package``'s ``__init__`` would bind, or None if it does anything
+    else than relative from-imports (possibly under ``if is_torch_available():``).
+
+    Only the relative from-imports are read here; a guard's value is asked from the module it was
+    imported from, so the names bound are those the real ``__init__`` binds on this machine.
+    """
+    try:
+        tree = ast.parse(init_file.read_text(encoding="utf-8"), str(init_file))
+    except (OSError, SyntaxError, ValueError):
+        return None
+    names: dict[str, str] = {}
+
+    def visit(body: list[ast.stmt]) -> bool:
+        for node in body:
+            if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and isinstance(node.value.value,
+                                                                                                  str):
+                continue  # a docstring
+            if isinstance(node, ast.ImportFrom):
+                if node.level < 1 or any(alias.name == "*" for alias in node.names):
+                    return False
+                source = _absolute(package, node.module, node.level)
+                for alias in node.names:
+                    names[alias.asname or alias.name] = f"{source}:{alias.name}"
+                continue
+            if isinstance(node, ast.If):
+                test = node.test
+                if not (isinstance(test, ast.Call) and isinstance(test.func, ast.Name) and test.func.id in _GUARDS
+                        and not test.args and not test.keywords and test.func.id in names):
+                    return False
+                module, attr = names[test.func.id].split(":")
+                if module == package or module.startswith(package + "."):
+                    return False  # asking it would import the package being found
+                try:
+                    taken = bool(getattr(importlib.import_module(module), attr)())
+                except Exception:  # noqa: BLE001 - any surprise means: not the checked shape
+                    return False
+                if not visit(node.body if taken else node.orelse):
+                    return False
+                continue
+            return False
+        return True
+
+    return names if visit(tree.body) else None
+
+
+class _LazyPackageLoader(importlib.abc.Loader):
+    def __init__(self, names: dict[str, str]):
+        self.names = names
+
+    def create_module(self, spec):
+        return None  # the default module object, with the spec's __path__/__file__
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        names = self.names
+        package = module.__name__
+
+        def __getattr__(attr: str):
+            source = names.get(attr)
+            if source is None:
+                if attr.startswith("__"):
+                    raise AttributeError(f"module {package!r} has no attribute {attr!r}")
+                try:  # a submodule read as an attribute, as the eager __init__ would have bound it
+                    return importlib.import_module(f"{package}.{attr}")
+                except ModuleNotFoundError as exc:
+                    if exc.name != f"{package}.{attr}":
+                        raise
+                    raise AttributeError(f"module {package!r} has no attribute {attr!r}") from None
+            module_name, name = source.split(":")
+            value = getattr(importlib.import_module(module_name), name)
+            setattr(module, attr, value)
+            return value
+
+        def __dir__():
+            return sorted(set(module.__dict__) | set(names))
+
+        module.__getattr__ = __getattr__
+        module.__dir__ = __dir__
+        module.__all__ = [n for n in names if not n.startswith("_")]
+        module.__cloak_lazy__ = True  # so a test (and a curious user) can tell
+
+
+class _LazyPackageFinder(importlib.abc.MetaPathFinder):
+    def find_spec(self, fullname, path, target=None):
+        if fullname not in LAZY_PACKAGES or os.environ.get(ENV_EAGER, "") not in ("", "0"):
+            return None
+        if not _diffusers_version_checked():
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is None or not spec.origin or not spec.submodule_search_locations:
+            return None
+        names = exported_names(Path(spec.origin), fullname)
+        if names is None:
+            return None  # not the checked shape: the plain import
+        spec.loader = _LazyPackageLoader(names)
+        return spec
+
+
+def install() -> None:
+    """Put the finder first on ``sys.meta_path`` (once)."""
+    if not any(isinstance(finder, _LazyPackageFinder) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _LazyPackageFinder())

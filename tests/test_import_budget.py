@@ -1,0 +1,176 @@
+"""What a run imports: diffusers' model families load on demand (cloak/_lazy_imports.py).
+
+Load-independent: the tests look at which modules are in ``sys.modules``, never at a clock.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from cloak import _lazy_imports
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Files of diffusers' eager model-family __init__s that SD never uses; each pulled a heavy chain before.
+UNUSED = ["diffusers.models.transformers.ace_step_transformer",  # → diffusers.hooks → peft.auto
+          "diffusers.models.transformers.auraflow_transformer_2d",
+          "diffusers.models.transformers.transformer_flux",
+          "diffusers.models.autoencoders.autoencoder_asym_kl",
+          "diffusers.models.autoencoders.autoencoder_rae",
+          "diffusers.models.unets.unet_motion_model",
+          "diffusers.models.unets.unet_stable_cascade",
+          "diffusers.hooks.layerwise_casting",
+          "diffusers.hooks.faster_cache"]
+PACKAGES = list(_lazy_imports.LAZY_PACKAGES)
+
+# A run's model imports, through the real loader: Models.sd (from_pretrained of every SD component) and
+# the class-image pipeline with the fast sampler. Prints what is loaded, then every name of the four
+# packages with the object it resolves to (the lazy process resolves them only after the check).
+_PROBE = textwrap.dedent("""
+    import json, sys
+    from pathlib import Path
+    import cloak
+    from cloak.models.handle import Models
+    from cloak.diffusion.sampling import build_pipeline
+    import diffusers
+
+    sd = Models(cache_dir=Path(sys.argv[1]), tiny=True).sd("tiny-sd")
+    pipe = build_pipeline(sd, sampler="dpm")
+    import gc
+    frozen, tracked = gc.get_freeze_count(), len(gc.get_objects())
+    assert type(sd.unet).__name__ == "UNet2DConditionModel" and type(sd.vae).__name__ == "AutoencoderKL"
+    loaded = sorted(m for m in sys.modules if m.startswith(("diffusers.", "peft", "transformers.")))
+    n_modules = len(sys.modules)
+    packages = json.loads(sys.argv[2])
+    lazy = {p: bool(getattr(sys.modules[p], "__cloak_lazy__", False)) for p in packages}
+    names = {}
+    for p in packages:
+        mod = sys.modules[p]
+        public = getattr(mod, "__all__", None) or [n for n in dir(mod) if not n.startswith("_")]
+        for n in public:
+            value = getattr(mod, n)
+            if isinstance(value, type):
+                names[p + ":" + n] = value.__module__ + "." + value.__qualname__
+    print(json.dumps({"loaded": loaded, "n_modules": n_modules, "lazy": lazy, "names": names,
+                      "frozen": frozen, "tracked": tracked}))
+""")
+
+
+def _probe(cache: Path, eager: bool) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "CLOAK_EAGER_IMPORTS": "1" if eager else "0"}
+    proc = subprocess.run([sys.executable, "-c", _PROBE, str(cache), json.dumps(PACKAGES)], env=env,
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_sd_run_imports_no_unused_diffusers_families_and_names_resolve_as_before(shared_cache):
+    lazy = _probe(shared_cache, eager=False)
+    if not all(lazy["lazy"].values()):
+        pytest.skip(f"diffusers {__import__('diffusers').__version__} is not a checked version: plain imports")
+    loaded = set(lazy["loaded"])
+    assert not loaded & set(UNUSED), sorted(loaded & set(UNUSED))
+    assert {"diffusers.models.unets.unet_2d_condition", "diffusers.models.autoencoders.autoencoder_kl",
+            "diffusers.models.transformers.transformer_2d"} <= loaded
+    # The control: the plain import loads them (so the assertion above can fail), and every class name of
+    # the four packages resolves to the same class either way.
+    eager = _probe(shared_cache, eager=True)
+    assert not any(eager["lazy"].values())
+    assert set(UNUSED) <= set(eager["loaded"])
+    assert eager["n_modules"] - lazy["n_modules"] >= len(UNUSED)
+    assert lazy["names"] == eager["names"] and len(lazy["names"]) > 100
+
+
+def test_model_load_freezes_the_import_objects_once_so_full_collections_skip_them(shared_cache):
+    """A full gc.collect() walks only what is tracked: after Models.sd the objects the imports made are in
+    the permanent generation (once), the loaded model and everything after it are not."""
+    row = _probe(shared_cache, eager=False)
+    assert row["frozen"] > 100_000 and row["frozen"] > 3 * row["tracked"], row["frozen"]
+
+
+def _package(root: Path, name: str, init: str) -> None:
+    pkg = root / name
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text(init)
+    (pkg / "light.py").write_text("class Light:\n    pass\n")
+    # Importing heavy records itself: the test sees whether the package's __init__ ran eagerly.
+    (pkg / "heavy.py").write_text("import sys\nsys.modules[__name__.rsplit('.', 1)[0]].imported_heavy = True\n"
+                                  "class Heavy:\n    pass\n")
+
+
+def _import_fresh(name: str):
+    import importlib
+
+    for key in [k for k in sys.modules if k == name or k.startswith(name + ".")]:
+        del sys.modules[key]
+    return importlib.import_module(name)
+
+
+@pytest.fixture
+def fake_packages(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(tmp_path))
+    root = tmp_path / "lazyroot"  # laid out as diffusers: the guard lives outside the packages
+    root.mkdir()
+    (root / "__init__.py").write_text("")
+    (root / "guard.py").write_text("def is_torch_available():\n    return True\n")
+    monkeypatch.setattr(_lazy_imports, "LAZY_PACKAGES", ("lazyroot.ok", "lazyroot.odd"))
+    monkeypatch.setattr(_lazy_imports, "_diffusers_version_checked", lambda: True)
+    monkeypatch.delenv(_lazy_imports.ENV_EAGER, raising=False)
+    _lazy_imports.install()
+    shape = textwrap.dedent("""
+        '''doc'''
+        from ..guard import is_torch_available
+
+        if is_torch_available():
+            from .light import Light
+            from .heavy import Heavy as HeavyAlias
+        """)
+    _package(root, "ok", shape)
+    _package(root, "odd", shape + "\nEXTRA = 1\n")
+    yield root
+    for key in [k for k in sys.modules if k == "lazyroot" or k.startswith("lazyroot.")]:
+        del sys.modules[key]
+
+
+def test_lazy_package_imports_a_submodule_only_when_its_name_is_asked_for(fake_packages):
+    pkg = _import_fresh("lazyroot.ok")
+    assert pkg.__cloak_lazy__ and "lazyroot.ok.heavy" not in sys.modules
+    assert "imported_heavy" not in vars(pkg)
+    assert pkg.__path__ == [str(fake_packages / "ok")]
+    assert Path(pkg.__file__) == fake_packages / "ok" / "__init__.py"
+    from lazyroot.ok import Light  # noqa: F401 (the from-import path)
+
+    assert "lazyroot.ok.light" in sys.modules and "lazyroot.ok.heavy" not in sys.modules
+    assert {"Light", "HeavyAlias", "is_torch_available"} <= set(dir(pkg))
+    assert pkg.HeavyAlias.__name__ == "Heavy" and pkg.imported_heavy
+    assert pkg.heavy is sys.modules["lazyroot.ok.heavy"]  # a submodule read as an attribute
+    with pytest.raises(AttributeError):
+        pkg.Missing  # noqa: B018
+    with pytest.raises(ImportError):
+        from lazyroot.ok import Missing  # noqa: F401
+
+
+def test_an_unchecked_init_shape_or_the_opt_out_gets_the_plain_import(fake_packages, monkeypatch):
+    odd = _import_fresh("lazyroot.odd")
+    assert not getattr(odd, "__cloak_lazy__", False) and odd.imported_heavy and odd.EXTRA == 1
+    monkeypatch.setenv(_lazy_imports.ENV_EAGER, "1")
+    ok = _import_fresh("lazyroot.ok")
+    assert not getattr(ok, "__cloak_lazy__", False) and ok.imported_heavy
+
+
+def test_exported_names_reads_the_init_without_running_it(tmp_path):
+    init = tmp_path / "__init__.py"
+    init.write_text("from .a import X, Y as Z\nfrom ..b import W\n")
+    assert _lazy_imports.exported_names(init, "p.q") == {"X": "p.q.a:X", "Z": "p.q.a:Y", "W": "p.b:W"}
+    for odd in ("from .a import *\n", "import os\n", "from a import X\n", "if True:\n    from .a import X\n",
+                "X = 1\n"):
+        init.write_text(odd)
+        assert _lazy_imports.exported_names(init, "p.q") is None, odd
