@@ -31,7 +31,7 @@ from pydantic import Field, field_validator
 
 from cloak.adversarial import pgd_step
 from cloak.adversarial.groups import (Groups, candidate_values, center_crop, loss_and_grad, loss_value,
-                                     square_crops)
+                                     row_chunks, square_crops)
 from cloak.diffusion import Draw, LatentCache, encode_latents, encode_prompts, sample_noise, training_target
 from cloak.diffusion.class_images import class_images
 from cloak.diffusion.dreambooth import DreamBoothConfig, DreamBoothTrainer, autocast_for
@@ -58,7 +58,8 @@ class SurrogateOptions(BudgetOptions):
 
 
 def pgd_batch_field():
-    """``pgd_batch`` of the methods whose PGD step goes through ``Aspl.loss_and_grad`` (ASPL, FSMG, SimAC)."""
+    """``pgd_batch`` of the methods whose PGD steps are pieced by ``cloak.adversarial.groups.loss_and_grad``
+    (ASPL, FSMG, SimAC, MetaCloak, DLADiff layer 1)."""
     return Field(0, ge=0, description="images per UNet pass in a PGD step (0 = the whole set at once, as released); "
                                       "smaller bounds memory with the same draws and the same step")
 
@@ -499,8 +500,7 @@ class Aspl(ProtectMethod):
 
     def chunks(self, n: int) -> list[slice] | None:
         """Row slices of ``pgd_batch`` images, or None when the whole set goes through at once."""
-        size = getattr(self.opts, "pgd_batch", 0)
-        return [slice(i, min(i + size, n)) for i in range(0, n, size)] if 0 < size < n else None
+        return row_chunks(getattr(self.opts, "pgd_batch", 0))(n)
 
     def loss_and_grad(self, x: Groups, loss_fn) -> tuple[float, Groups]:
         """The step's loss (the mean over the set) and ∇ₓ of it, bucket by bucket and in ``pgd_batch``
