@@ -10,6 +10,8 @@ summed over the set and L_cons the spread of the images' VGG-19 Gram matrices ar
 
 s = −1 by default (§4.3: minimising L_cons makes the styles uniform) [PROP]; s = +1 is Alg. 1 read literally.
 Candidates whose sign pattern equals the previous candidate's are the same point and are not re-evaluated.
+The candidates are evaluated ``cap_batch`` at a time in one UNet pass (stacked along the batch, each on the
+step's own draw; the hosts' losses come back per candidate), not in R + 1 separate passes.
 
 CAP is group-level: the result for an image depends on the whole set. It must not depend on the order in
 which the files were listed, so the host runs on the set in a canonical order — sorted by the sha256 of each
@@ -292,7 +294,7 @@ class Cap(ProtectMethod):
         "count has a host-specific name); the budget is CAP's (α 0.005, "
         "η 0.05, all hosts). The host runs on the set sorted by pixel sha256 so the file order cannot change "
         "the result. Sign s = −1 by default (§4.3 text) where Alg. 1 reads +1 [PROP]; the line search evaluates "
-        "every r on the step's own (t, ε) [PROP].")
+        "every r on the step's own (t, ε) [PROP], cap_batch candidates per UNet pass (same draws, same λ).")
     Options = CapOptions
     proposals: ClassVar[tuple[str, ...]] = ("host", "cap_sign", "style_layers", "gram_normalise")
     uses_ref = True
