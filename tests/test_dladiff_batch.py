@@ -65,3 +65,21 @@ def test_chunks_fail_without_their_own_rows(shared_cache, monkeypatch):
                                                    "attention_steps": 1, "pgd_steps": 0})
     with pytest.raises(RuntimeError):  # the UNet gets 2 images and 3 timesteps
         method(image_set([(64, 64)] * 3))
+
+
+def test_memory_low_sets_pgd_batch_in_the_report(tmp_path, image_dir, cli):
+    """Through the CLI: --memory low gives DLADiff pgd_batch=1 (recorded with its source, and in layer 1's
+    summary), a bad value is a usage error."""
+    import json
+
+    out = tmp_path / "out"
+    small = ["-o", "layers=ft", "-o", "class_images=0", "-o", "epochs=1", "-o", "static_steps=1",
+             "-o", "attention_steps=1", "-o", "surrogate_steps=1", "-o", "pgd_steps=1"]
+    r = cli("protect", str(image_dir), str(out), "--tiny", "--method", "dladiff", "--memory", "low", *small)
+    assert r.exit_code == 0, r.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["options"]["pgd_batch"] == {"value": 1, "source": "--memory low"}
+    assert report["summary"]["layer_ft"]["pgd_batch"] == 1
+    bad = cli("protect", str(image_dir), str(tmp_path / "bad"), "--tiny", "--method", "dladiff", *small,
+              "-o", "pgd_batch=-1")
+    assert bad.exit_code == 2 and "pgd_batch" in bad.stderr
