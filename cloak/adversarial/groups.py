@@ -118,14 +118,6 @@ def square_crops(images, size: int, device=None, dtype=None) -> torch.Tensor:
     return torch.cat([center_crop(t.unsqueeze(0), size) for t in tensors]).to(device, dtype)
 
 
-def row_chunks(size: int) -> Callable[[int], list[slice] | None]:
-    """``chunks`` for :func:`loss_and_grad`: row slices of ``size`` images (a method's ``pgd_batch``), or None
-    (the whole bucket at once) when ``size`` is 0 or covers the bucket."""
-    def chunks(n: int) -> list[slice] | None:
-        return [slice(i, min(i + size, n)) for i in range(0, n, size)] if 0 < size < n else None
-    return chunks
-
-
 def loss_and_grad(x: Groups, loss_fn, chunks=None) -> tuple[float, Groups]:
     """The set's mean loss and its gradient per bucket, evaluated bucket by bucket (and in ``chunks(n)`` row
     slices within a bucket when given): ``loss_fn(pixels, bucket, rows)`` returns the mean loss of those
@@ -188,3 +180,11 @@ def candidate_values(candidates: list[Groups], loss_fn, chunks=None) -> list[flo
             for j, value in enumerate(values):
                 totals[j] += value if count == n else value * count / n
     return totals
+
+
+def row_chunks(size: int) -> Callable[[int], list[slice] | None]:
+    """``chunks`` for :func:`loss_and_grad`: row slices of ``size`` images (a method's ``pgd_batch``), or None
+    (the whole bucket at once) when ``size`` is 0 or covers the bucket."""
+    def chunks(n: int) -> list[slice] | None:
+        return [slice(i, min(i + size, n)) for i in range(0, n, size)] if 0 < size < n else None
+    return chunks
