@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Fine-tuning-family protections (aspl, E-ASPL, fsmg, simac, metacloak): seconds per outer iteration
-and peak memory.
+"""Fine-tuning-family protections (aspl, E-ASPL, fsmg, simac, metacloak, caat): seconds per outer iteration
+and peak memory, and CAAT's time per image and peak memory against ASPL's.
 
 Each method runs in its own process so that its peak memory is its own: on CPU the peak RSS
 (ru_maxrss) minus the RSS after importing torch/diffusers/transformers, so it counts the loaded
@@ -26,8 +26,18 @@ What "outer iteration" means per method:
                 (-o cap_batch=1, the old path)
   cap-batched   the same with every candidate of a step in one pass (-o cap_batch=0); same draws, same λ.
                 Both print the candidates evaluated and the line search's UNet passes (load-independent)
+                (seen, tiny-sd, 4 images, published R = 100, 4 CAP steps: 401 candidates, i.e. 401 line-search
+                UNet passes at cap_batch=1, 52 at the default 8, 4 at 0 — nearly every r is a distinct point)
   dladiff       one DLADiff layer-1 epoch (3 attention PGD steps + 3 DB steps + 3 PGD steps), whole set per pass
   dladiff-pgd-batch-1  the same with -o pgd_batch=1: one image per UNet pass in both PGD loops
+  caat          one joint step: one forward + backward pass of the set, a PGD step on the images and an
+                AdamW step on the cross-attention K/V weights (CAAT has no outer loop)
+
+With both aspl and caat in the run, a last line compares them over their published runs (ASPL 50
+iterations, CAAT 250 steps, read from the Options defaults): seconds per image (wall clock: valid on an
+idle machine only) and peak memory.
+Seen on a loaded 2-core CPU (load 9–13: the seconds are not valid): tiny-sd, 2 images, 64 px — peak RSS
+above the imports caat 198 MB vs aspl 241 MB (×0.82).
 
     python benchmarks/bench_protect.py                        # mid-sd (128 px), 4 images
     python benchmarks/bench_protect.py --model tiny-sd --json
@@ -68,6 +78,7 @@ METHODS = {  # name → (registry name, options, outer bar, other bars worth rep
                             "static_steps": 4}, "dladiff layer 1", []),
     "dladiff-pgd-batch-1": ("dladiff", {"layers": "ft", "epochs": 3, "attention_steps": 3, "surrogate_steps": 3,
                                         "pgd_steps": 3, "static_steps": 4, "pgd_batch": 1}, "dladiff layer 1", []),
+    "caat": ("caat", {"steps": 8, "checkpoint_every": 0}, "caat", []),
 }
 PAIRS = [("cap-batched", "cap-seq"), ("aspl", "aspl-pgd-batch-1"), ("dladiff", "dladiff-pgd-batch-1")]
 
@@ -129,7 +140,8 @@ def run_method(model_id: str, name: str, n_images: int, cache: str) -> dict:
     method_name, extra, outer, others = METHODS[name]
     extra = {k: (v.format(m=model_id) if isinstance(v, str) else v) for k, v in extra.items()}
     cls = PROTECT.get(method_name)
-    opts, _ = build_options(cls.Options, [("bench", {**CLASS, **extra})], method_name)
+    class_opts = {k: v for k, v in CLASS.items() if k in cls.Options.model_fields}  # caat has no class images
+    opts, _ = build_options(cls.Options, [("bench", {**class_opts, **extra})], method_name)
     clock = _Clock()
     if device.type == "cuda":
         clock.sync = torch.cuda.synchronize
@@ -194,7 +206,20 @@ def main() -> int:
         if a and b and a["outer_s"] and b["outer_s"]:
             print(f"{fast} / {slow}: {a['outer_s'] / b['outer_s']:.2f}× the time per step, "
                   f"peak {a['peak_mb']:.0f} vs {b['peak_mb']:.0f} MB")
+    if "aspl" in by_name and "caat" in by_name and by_name["aspl"]["outer_s"] and by_name["caat"]["outer_s"]:
+        print(caat_vs_aspl(by_name["aspl"], by_name["caat"], args.images))
     return 0
+
+
+def caat_vs_aspl(aspl: dict, caat: dict, n_images: int) -> str:
+    """One line: both methods' published runs (their Options' defaults), time per image and peak memory."""
+    from cloak.protect import PROTECT
+
+    iterations, steps = PROTECT.get("aspl").Options().iterations, PROTECT.get("caat").Options().steps
+    a, c = aspl["outer_s"] * iterations / n_images, caat["outer_s"] * steps / n_images
+    return (f"caat vs aspl, published runs (aspl {iterations} iterations, caat {steps} steps): "
+            f"{c:.2f} vs {a:.2f} s per image (×{c / a:.2f}), peak memory {caat['peak_mb']:.0f} vs "
+            f"{aspl['peak_mb']:.0f} MB (×{caat['peak_mb'] / aspl['peak_mb']:.2f})")
 
 
 if __name__ == "__main__":

@@ -162,3 +162,49 @@ def tiny_sd(_session_models):
 @pytest.fixture
 def tiny_sd_v(_session_models):
     return _session_models.sd("tiny-sd-v")
+
+
+# --- efficacy on a tiny model that knows the image domain (shared by the efficacy tests) ------------------
+
+
+def identity_set(folder: Path, n: int, seed: int, size: int = 64) -> Path:
+    """Crops of one smooth colour field with per-image jitter and noise: one 'subject', many photos."""
+    folder.mkdir(parents=True, exist_ok=True)
+    field = np.random.default_rng(7).uniform(0, 255, size=(5, 5, 3)).astype(np.uint8)
+    field = np.asarray(Image.fromarray(field).resize((size + 8, size + 8), Image.BICUBIC)).astype(np.int16)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        dx, dy = rng.integers(0, 9, size=2)
+        img = field[dy:dy + size, dx:dx + size] + rng.integers(-10, 11, size=(size, size, 3))
+        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(folder / f"img{i}.png")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def domain_base(tmp_path_factory, shared_cache) -> Path:
+    """tiny-sd after a short DreamBooth on images of the test domain, as a local model directory.
+
+    On the random tiny-sd the denoising loss does not depend on the image (test_protect_family's docstring);
+    on this model it does, so objectives built on it can tell a protection from noise."""
+    import torch
+
+    root = tmp_path_factory.mktemp("domain-base")
+    data = identity_set(root / "D", 4, 4)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # session fixtures run before the per-test one-thread fixtures
+    r = run_cli("attack", "--tiny", "--cache-dir", shared_cache, "-q", "--steps", "60", "-o", "lr=1e-3",
+                "-o", "class_images=0", "-o", "batch_size=2", "--num-images", "0", "--save-model", root / "base",
+                data, root / "pretrain")
+    torch.set_num_threads(threads)
+    assert r.exit_code == 0, r.stderr[-3000:]
+    return root / "base"
+
+
+def attacker_loss(train: Path, out: Path, model: Path) -> float:
+    """Attacker's denoising loss after DreamBooth (published lr 5e-7), on its own training images."""
+    import json
+
+    r = run_cli("attack", "--model", model, "--json", "--seed", "0", "--steps", "4", "-o", "class_images=0",
+                "--num-images", "0", "--ref", train, train, out)
+    assert r.exit_code == 0, r.stderr[-3000:]
+    return json.loads(r.stdout)["summary"]["ref_denoising_loss"]

@@ -8,7 +8,6 @@ import json
 import torch
 
 from conftest import run_cli
-from test_protect_family import domain_base  # noqa: F401  (the fixture)
 
 
 def _grads(unet, vae, tokenizer, text_encoder, scheduler, x, params):

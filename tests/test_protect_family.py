@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY, pngs, run_cli, write_images
+from conftest import TINY, attacker_loss, identity_set, pngs, run_cli, write_images
 from PIL import Image
 
 from cloak.adversarial.eot import (
@@ -58,19 +58,6 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
-def identity_set(folder: Path, n: int, seed: int, size: int = 64) -> Path:
-    """Crops of one smooth colour field with per-image jitter and noise: one 'subject', many photos."""
-    folder.mkdir(parents=True, exist_ok=True)
-    field = np.random.default_rng(7).uniform(0, 255, size=(5, 5, 3)).astype(np.uint8)
-    field = np.asarray(Image.fromarray(field).resize((size + 8, size + 8), Image.BICUBIC)).astype(np.int16)
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        dx, dy = rng.integers(0, 9, size=2)
-        img = field[dy:dy + size, dx:dx + size] + rng.integers(-10, 11, size=(size, size, 3))
-        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(folder / f"img{i}.png")
-    return folder
-
-
 def sign_noise_copy(src: Path, dst: Path, eps_m11: float, seed: int = 5) -> Path:
     """Control: every pixel moved by ±ε (the largest-energy perturbation in the budget), at random."""
     dst.mkdir(parents=True, exist_ok=True)
@@ -95,27 +82,6 @@ def tiny_opts(name: str) -> list[str]:
     for k, v in PROTECT.get(name).tiny_options.items():
         out += ["-o", f"{k}={v}"]
     return out
-
-
-@pytest.fixture(scope="session")
-def domain_base(tmp_path_factory, shared_cache) -> Path:
-    """tiny-sd after a short DreamBooth on images of the test domain, as a local model directory."""
-    root = tmp_path_factory.mktemp("domain-base")
-    data = identity_set(root / "D", 4, 4)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # session fixtures run before the per-test _one_thread fixture
-    ok(run_cli("attack", "--tiny", "--cache-dir", shared_cache, "-q", "--steps", "60", "-o", "lr=1e-3",
-               "-o", "class_images=0", "-o", "batch_size=2", "--num-images", "0", "--save-model", root / "base",
-               data, root / "pretrain"))
-    torch.set_num_threads(threads)
-    return root / "base"
-
-
-def attacker_loss(train: Path, out: Path, model: Path) -> float:
-    """Attacker's denoising loss after DreamBooth (published lr 5e-7), on its own training images."""
-    rep = ok(run_cli("attack", "--model", model, "--json", "--seed", "0", "--steps", "4", "-o", "class_images=0",
-                     "--num-images", "0", "--ref", train, train, out))
-    return rep["summary"]["ref_denoising_loss"]
 
 
 EFFICACY = {

@@ -118,12 +118,15 @@ def square_crops(images, size: int, device=None, dtype=None) -> torch.Tensor:
     return torch.cat([center_crop(t.unsqueeze(0), size) for t in tensors]).to(device, dtype)
 
 
-def loss_and_grad(x: Groups, loss_fn, chunks=None) -> tuple[float, Groups]:
+def loss_and_grad(x: Groups, loss_fn, chunks=None, params=None) -> tuple[float, Groups]:
     """The set's mean loss and its gradient per bucket, evaluated bucket by bucket (and in ``chunks(n)`` row
     slices within a bucket when given): ``loss_fn(pixels, bucket, rows)`` returns the mean loss of those
     images (rows None = the whole bucket). Every loss of these methods is a mean of per-image means, so the
     pieces weighted by their share of the set add up to the set's mean, and so do their gradients; each
-    piece keeps its images' draws. A uniform set without chunks is one unweighted evaluation."""
+    piece keeps its images' draws. A uniform set without chunks is one unweighted evaluation.
+
+    ``params``: weights that also receive the gradient of the same loss, added into their ``.grad`` (a joint
+    step on images and weights from one backward pass, as CAAT takes)."""
     n = len(x)
     total, grads = 0.0, []
     for b, part in enumerate(x.parts):
@@ -133,7 +136,7 @@ def loss_and_grad(x: Groups, loss_fn, chunks=None) -> tuple[float, Groups]:
             loss = loss_fn(p, b, None)
             if part.shape[0] != n:
                 loss = loss * (part.shape[0] / n)
-            (g,) = torch.autograd.grad(loss, p)
+            g = _grad(loss, p, params)
             grads.append(g)
             total += float(loss.detach())
             continue
@@ -141,11 +144,21 @@ def loss_and_grad(x: Groups, loss_fn, chunks=None) -> tuple[float, Groups]:
         for rows in pieces:
             p = part[rows].detach().requires_grad_(True)
             loss = loss_fn(p, b, rows) * ((rows.stop - rows.start) / n)
-            (g,) = torch.autograd.grad(loss, p)
+            g = _grad(loss, p, params)
             bucket_grads.append(g)
             total += float(loss.detach())
         grads.append(torch.cat(bucket_grads))
     return total, Groups(grads, x.indices)
+
+
+def _grad(loss: torch.Tensor, pixels: torch.Tensor, params) -> torch.Tensor:
+    """∇ of ``loss`` w.r.t. ``pixels``; with ``params``, their gradients are accumulated into ``.grad`` too."""
+    if not params:
+        return torch.autograd.grad(loss, pixels)[0]
+    grads = torch.autograd.grad(loss, [pixels, *params])
+    for w, g in zip(params, grads[1:]):
+        w.grad = g if w.grad is None else w.grad + g
+    return grads[0]
 
 
 @torch.no_grad()

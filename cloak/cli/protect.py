@@ -25,7 +25,7 @@ is refused; above 32/255 needs --force-budget. An output identical to its input 
 [bold]Default budgets[/bold] (eps; `cloak methods show NAME` for every option):
 
   aspl, aspl-lora, fsmg,     6.375/255 = 0.025 (01) = 0.05 (m11)
-  cap, dladiff
+  cap, dladiff, caat
 
   simac                      8/255 = 0.03137 (01) = 0.06275 (m11)
 

@@ -219,6 +219,29 @@ _add(ModelSpec("sd-x4-upscaler", "sd-upscaler", "Stable Diffusion x4 upscaler (t
                                "unet/diffusion_pytorch_model.safetensors", "vae/config.json",
                                "vae/diffusion_pytorch_model.safetensors"),
                stand_in="tiny-sd-x4-upscaler"))
+# DeepFloyd IF (PDM-Pure; cloak.models.deepfloyd). Gated on the hub: the user accepts the licence on the model card
+# of DeepFloyd/IF-I-XL-v1.0 (which covers every IF model) and logs in; `cloak models pull` then uses that token.
+# No commit id or digest of these repositories was found in public sources: recorded at first pull.
+_IF_LICENCE = "DeepFloyd IF License Agreement (NON-COMMERCIAL research use; gated on the hub)"
+_add(ModelSpec("deepfloyd-if-ii-l", "if-sr", "DeepFloyd IF stage II, large (64² → 256² pixel-space "
+               "super-resolution UNet, 1.2 B); PDM-Pure", _IF_LICENCE, "hf:DeepFloyd/IF-II-L-v1.0",
+               allow_patterns=("model_index.json", "scheduler/*", "image_noising_scheduler/*", "unet/config.json",
+                               "unet/diffusion_pytorch_model.safetensors"),
+               stand_in="tiny-if-ii", non_commercial=True,
+               notes="gated: accept the DeepFloyd IF licence on the hub and log in before pulling; the prompt "
+                     "encoder is deepfloyd-if-t5"))
+_add(ModelSpec("deepfloyd-if-t5", "t5", "T5 v1.1 XXL text encoder and tokenizer of DeepFloyd IF (from IF-I-XL-v1.0); "
+               "IF stage II's prompt embeddings (PDM-Pure)", _IF_LICENCE, "hf:DeepFloyd/IF-I-XL-v1.0",
+               allow_patterns=("model_index.json", "text_encoder/config.json",
+                               "text_encoder/model.safetensors.index.json", "text_encoder/model-*-of-*.safetensors",
+                               "tokenizer/*"),
+               stand_in="tiny-if-t5", non_commercial=True,
+               notes="gated like deepfloyd-if-ii-l; ~19 GB in fp32 shards; the tokenizer is a sentencepiece model "
+                     "(pip install sentencepiece protobuf)"))
+_add(ModelSpec("tiny-if-ii", "if-sr", "built-in random IF stage II UNet (same diffusers blocks, toy width) and its "
+               "schedulers", "MIT (cloak)", "builtin", builtin=True, notes="random weights: purifies nothing"))
+_add(ModelSpec("tiny-if-t5", "t5", "built-in random T5 encoder (toy width) and a small T5 tokenizer",
+               "MIT (cloak)", "builtin", builtin=True, notes="random weights: encodes nothing"))
 # torchvision publishes the first 8 hex digits of each file's sha256 in its name (torch.hub checks them);
 # URLs as in torchvision 0.29's AlexNet/VGG16/VGG19 _Weights.IMAGENET1K_V1.
 _TORCHVISION_PINS = "sha256 prefix in the torchvision file name"
@@ -405,6 +428,8 @@ def ids(kind: str | None = None) -> list[str]:
 register_builder("tiny-codeformer", "cloak.models.restoration:build_standin_codeformer")
 register_builder("tiny-parsenet", "cloak.models.restoration:build_standin_parsenet")
 register_builder("tiny-sd-x4-upscaler", "cloak.models.restoration:build_standin_upscaler")
+register_builder("tiny-if-ii", "cloak.models.deepfloyd:build_standin_if_ii")
+register_builder("tiny-if-t5", "cloak.models.deepfloyd:build_standin_t5")
 register_builder("tiny-guided-diffusion", "cloak.models.guided:build_standin")
 register_builder("tiny-alexnet-imagenet", "cloak.models.lpips:build_standin_alexnet")
 register_builder("tiny-vgg16-imagenet", "cloak.models.lpips:build_standin_vgg16")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -157,7 +158,7 @@ class FaceRestorer:
     # [PROP] Larger images are not shrunk for detection: CodeFormer's helper only enlarged ("scale = max(1,
     # scale)") until sczhou/CodeFormer a75e7ae (2024-09) commented that out, so that HD images are shrunk to a
     # 640 short side (INTER_AREA) too. DiffShortcut (2024-06) ran the earlier code; det_shrink=True follows
-    # today's CodeFormer.
+    # today's CodeFormer (``cloak purify --method diffshortcut -o det_shrink=true``).
     det_shrink: bool = False
     compat: bool = False
     face_size: int = field(init=False)
@@ -306,8 +307,9 @@ class FaceRestorer:
         return out, {"faces_detected": len(faces), "faces_restored": len(restored)}
 
 
-def face_restorer(models, *, compat: bool = False) -> FaceRestorer:
-    """CodeFormer + RetinaFace + ParseNet through the ``Models`` handle (stand-ins with --tiny), loaded once."""
+def face_restorer(models, *, compat: bool = False, det_shrink: bool = False) -> FaceRestorer:
+    """CodeFormer + RetinaFace + ParseNet through the ``Models`` handle (stand-ins with --tiny), loaded once per
+    setting (``det_shrink``: see :class:`FaceRestorer`)."""
     from cloak.models import faces as faces_mod
 
     _, cf_dir, _ = models.resolve("codeformer", "restorer")
@@ -317,9 +319,10 @@ def face_restorer(models, *, compat: bool = False) -> FaceRestorer:
 
     def build() -> FaceRestorer:
         return FaceRestorer(load_codeformer_dir(cf_dir, device), faces_mod.load_retinaface(det_dir, str(device)),
-                            load_parsenet(parse_dir, device), device, compat=compat)
+                            load_parsenet(parse_dir, device), device, det_shrink=det_shrink, compat=compat)
 
-    return models.memo(("face-restorer", str(cf_dir), str(det_dir), str(parse_dir), str(device), compat), build)
+    return models.memo(("face-restorer", str(cf_dir), str(det_dir), str(parse_dir), str(device), compat, det_shrink),
+                       build)
 
 
 # ------------------------------------------------------------------------------------------------ SD ×4 upscaler
@@ -398,11 +401,50 @@ def upscaler(models, role: str = "upscaler"):
 
 @torch.no_grad()
 def upscale4(pipe, image, prompt: str, *, steps: int, guidance: float, noise_level: int,
-             generator: torch.Generator, negative_prompt: str | None = None) -> torch.Tensor:
-    """×4 super-resolution of a PIL image; returns 1×3×4h×4w in [-1, 1] (CPU, float32).
+             generator: torch.Generator, negative_prompt: str | None = None,
+             low_res_noise_level: int | None = None) -> torch.Tensor:
+    """×4 super-resolution of a PIL image (or a 1×3×h×w tensor in [-1,1]); returns 1×3×4h×4w in [-1, 1] (CPU,
+    float32).
 
-    diffusers draws the low-res noise and the initial latents from ``generator`` (CPU), so runs repeat.
+    ``noise_level`` is what the UNet is told (its class label); the low-resolution input is noised at that level
+    too unless ``low_res_noise_level`` says otherwise (Noisy Upscaling's diffusers fork: ``noise_level −
+    noise_level_sub``). diffusers draws the low-res noise and the initial latents from ``generator`` (CPU), so
+    runs repeat.
     """
-    out = pipe(prompt=prompt, image=image, num_inference_steps=steps, guidance_scale=guidance,
-               noise_level=noise_level, negative_prompt=negative_prompt, generator=generator, output_type="pt")
+    call = dict(prompt=prompt, image=image, num_inference_steps=steps, guidance_scale=guidance,
+                noise_level=noise_level, negative_prompt=negative_prompt, generator=generator, output_type="pt")
+    if low_res_noise_level is None:
+        out = pipe(**call)
+    else:
+        with _low_res_noise_at(pipe, low_res_noise_level):
+            out = pipe(**call)
     return out.images[:1].float().cpu().clamp(0, 1) * 2 - 1
+
+
+@contextmanager
+def _low_res_noise_at(pipe, level: int):
+    """Make the pipeline noise its low-resolution input at ``level`` whatever noise level it conditions on.
+
+    Stock diffusers ties the two together; the instance's ``add_noise`` is shadowed for one call, then restored.
+    """
+    scheduler = pipe.low_res_scheduler
+    original = scheduler.add_noise
+
+    def add_noise(sample, noise, timesteps):
+        return original(sample, noise, torch.full_like(timesteps, level))
+
+    scheduler.add_noise = add_noise
+    try:
+        yield
+    finally:
+        del scheduler.add_noise
+
+
+def with_ddpm_sampler(pipe):
+    """The same upscaler (shared modules) sampling with DDPM instead of its DDIM scheduler, from the same
+    schedule config (v-prediction) — what DeepFloyd IF's ``StableStageIII`` does before every call."""
+    from diffusers import DDPMScheduler
+
+    ddpm = type(pipe)(**{**pipe.components, "scheduler": DDPMScheduler.from_config(pipe.scheduler.config)})
+    ddpm.set_progress_bar_config(disable=True)
+    return ddpm

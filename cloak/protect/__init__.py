@@ -31,3 +31,5 @@ PROTECT.register_lazy("sds-t", "cloak.protect.sds:SDST",
                       "SDS-T: SDS(−) + textural pull to a target (Xue+ ICLR'24)")
 PROTECT.register_lazy("pid", "cloak.protect.pid:PID",
                       "PID: push the VAE posterior away from the clean one, encoder only (Li+ ICML'24)")
+PROTECT.register_lazy("caat", "cloak.protect.caat:Caat",
+                      "CAAT: joint PGD on the images and the cross-attention K/V weights (Xu+ CVPR'24)")

@@ -16,3 +16,7 @@ PURIFY.register_lazy("impress", "cloak.purify.impress:Impress",
                      "IMPRESS: VAE consistency + LPIPS bound, Adam on pixels")
 PURIFY.register_lazy("diffshortcut", "cloak.purify.diffshortcut:DiffShortcut",
                      "DiffShortcut: CodeFormer w=0.5, then SD ×4 from ¼")
+PURIFY.register_lazy("pdm-pure", "cloak.purify.pdm_pure:PDMPure",
+                     "PDM-Pure: DeepFloyd IF-II SDEdit (t=44, 10 steps from t=99), then SD ×4")
+PURIFY.register_lazy("noisy-upscale", "cloak.purify.noisy_upscale:NoisyUpscaling",
+                     "Noisy Upscaling: Gaussian σ 0.1, then SD ×4 told noise level 320, resized back")

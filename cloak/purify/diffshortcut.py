@@ -53,7 +53,7 @@ class DiffShortcut(PurifyMethod):
     notes: ClassVar[str] = ("CodeFormer weights are S-Lab License 1.0 (non-commercial). Faces are restored only "
                             "for class 'person'. The ¼-size SR input is 128² for 512² images (spec); other sizes "
                             "keep their aspect ratio and the result is resized to the input size.")
-    proposals: ClassVar[tuple[str, ...]] = ("max_faces",)
+    proposals: ClassVar[tuple[str, ...]] = ("max_faces", "det_shrink")
     uses_models: ClassVar[bool] = True
 
     class Options(SROptions):
@@ -66,6 +66,9 @@ class DiffShortcut(PurifyMethod):
         class_name: str = Field("person", description="subject class: the SR prompt; CodeFormer runs only for "
                                                       "'person'")
         prompt: str = Field("A photo of a {class_name}", description="SR prompt template")
+        det_shrink: bool = Field(False, description="face detection also shrinks images whose short side is over "
+                                                    "640 px to 640 (CodeFormer since a75e7ae); false: enlarge only, "
+                                                    "as the CodeFormer DiffShortcut ran [PROP]")
 
     tiny_options: ClassVar[dict] = {"sr_steps": 2, "max_faces": 1}
 
@@ -73,7 +76,8 @@ class DiffShortcut(PurifyMethod):
         from cloak.models.restoration import face_restorer, upscaler
 
         o = self.opts
-        self.restorer = face_restorer(self.ctx.models, compat=self.ctx.compat) if self.restores_faces else None
+        self.restorer = (face_restorer(self.ctx.models, compat=self.ctx.compat, det_shrink=o.det_shrink)
+                         if self.restores_faces else None)
         self.pipe = upscaler(self.ctx.models) if o.sr else None
 
     @property
