@@ -22,6 +22,14 @@ What "outer iteration" means per method:
                 round is reported separately
   metacloak     one unrolled round: K PGD steps through the EoT transforms + 2 DB steps; a pool
                 DreamBooth step is reported separately
+  cap-seq       one CAP PGD step on FSMG (k̂ = 0, R = 20): the line search with one UNet pass per candidate
+                (-o cap_batch=1, the old path)
+  cap-batched   the same with every candidate of a step in one pass (-o cap_batch=0); same draws, same λ.
+                Both print the candidates evaluated and the line search's UNet passes (load-independent)
+                (seen, tiny-sd, 4 images, published R = 100, 4 CAP steps: 401 candidates, i.e. 401 line-search
+                UNet passes at cap_batch=1, 52 at the default 8, 4 at 0 — nearly every r is a distinct point)
+  dladiff       one DLADiff layer-1 epoch (3 attention PGD steps + 3 DB steps + 3 PGD steps), whole set per pass
+  dladiff-pgd-batch-1  the same with -o pgd_batch=1: one image per UNet pass in both PGD loops
   caat          one joint step: one forward + backward pass of the set, a PGD step on the images and an
                 AdamW step on the cross-attention K/V weights (CAAT has no outer loop)
 
@@ -33,6 +41,7 @@ above the imports caat 198 MB vs aspl 241 MB (×0.82).
 
     python benchmarks/bench_protect.py                        # mid-sd (128 px), 4 images
     python benchmarks/bench_protect.py --model tiny-sd --json
+    python benchmarks/bench_protect.py --methods cap-seq cap-batched dladiff dladiff-pgd-batch-1   # issue 16 §4
 """
 
 from __future__ import annotations
@@ -61,8 +70,17 @@ METHODS = {  # name → (registry name, options, outer bar, other bars worth rep
               ["simac timestep selection"]),
     "metacloak": ("metacloak", {"trials": 1, "pool_steps": 4, "snapshot_interval": 2, "advance_steps": 2,
                                 "pgd_steps": 6}, "metacloak", ["metacloak pool"]),
+    "cap-seq": ("cap", {"host": "fsmg", "surrogate_steps": 4, "steps": 4, "ratio_max": 20, "start_fraction": 0,
+                        "cap_batch": 1}, "cap+fsmg", []),
+    "cap-batched": ("cap", {"host": "fsmg", "surrogate_steps": 4, "steps": 4, "ratio_max": 20, "start_fraction": 0,
+                            "cap_batch": 0}, "cap+fsmg", []),
+    "dladiff": ("dladiff", {"layers": "ft", "epochs": 3, "attention_steps": 3, "surrogate_steps": 3, "pgd_steps": 3,
+                            "static_steps": 4}, "dladiff layer 1", []),
+    "dladiff-pgd-batch-1": ("dladiff", {"layers": "ft", "epochs": 3, "attention_steps": 3, "surrogate_steps": 3,
+                                        "pgd_steps": 3, "static_steps": 4, "pgd_batch": 1}, "dladiff layer 1", []),
     "caat": ("caat", {"steps": 8, "checkpoint_every": 0}, "caat", []),
 }
+PAIRS = [("cap-batched", "cap-seq"), ("aspl", "aspl-pgd-batch-1"), ("dladiff", "dladiff-pgd-batch-1")]
 
 
 class _Clock:
@@ -90,6 +108,9 @@ class _Clock:
                 return self
 
             def __exit__(self, *exc):
+                return None
+
+            def close(self):  # class_images closes its bar early
                 return None
 
         return Task()
@@ -126,9 +147,11 @@ def run_method(model_id: str, name: str, n_images: int, cache: str) -> dict:
         clock.sync = torch.cuda.synchronize
     images, ctx = random_protect_run(model_id, n_images, cache, device, clock)
     res = ctx.resolution
+    if method_name == "cap":  # CAP's VGG-19: its random stand-in (built-in diffusion models stay as they are)
+        ctx.models.tiny = True
     method = cls(opts, ctx)
     start = time.perf_counter()
-    method(images)
+    result = method(images)
     total = time.perf_counter() - start
     peak = peak_mib(device, imports_mb)
     outer_s = clock.median(outer)
@@ -137,6 +160,10 @@ def run_method(model_id: str, name: str, n_images: int, cache: str) -> dict:
     row = {"model": model_id, "method": name, "images": n_images, "resolution": res, "device": str(device),
            "outer_s": outer_s, "run_s": total, "peak_mb": peak, "pgd_steps": getattr(method, "pgd_steps_done", None),
            "options": extra}
+    cap = result.summary.get("cap")
+    if cap is not None:  # the line search's cost in UNet passes, whatever the machine's load
+        row.update(cap_steps=cap["cap_steps"], candidates=cap["candidates_evaluated"],
+                   line_search_passes=cap["candidate_loss_passes"])
     for bar in others:
         row[bar.replace(" ", "_") + "_s"] = clock.median(bar)
     return row
@@ -169,8 +196,16 @@ def main() -> int:
         other = ", ".join(f"{k[:-2].replace('_', ' ')} {v:.3f} s" for k, v in r.items()
                           if k.endswith("_s") and k not in ("outer_s", "run_s") and v is not None)
         outer = f"{r['outer_s']:.3f}" if r["outer_s"] is not None else "n/a"
+        if "line_search_passes" in r:
+            other = ", ".join(filter(None, [other, f"{r['cap_steps']} CAP steps: {r['candidates']} candidates in "
+                                                   f"{r['line_search_passes']} UNet passes"]))
         print(f"{r['method']:<17} {outer:>12} {r['peak_mb']:>9.0f}  {other}")
     by_name = {r["method"]: r for r in rows}
+    for fast, slow in PAIRS:
+        a, b = by_name.get(fast), by_name.get(slow)
+        if a and b and a["outer_s"] and b["outer_s"]:
+            print(f"{fast} / {slow}: {a['outer_s'] / b['outer_s']:.2f}× the time per step, "
+                  f"peak {a['peak_mb']:.0f} vs {b['peak_mb']:.0f} MB")
     if "aspl" in by_name and "caat" in by_name and by_name["aspl"]["outer_s"] and by_name["caat"]["outer_s"]:
         print(caat_vs_aspl(by_name["aspl"], by_name["caat"], args.images))
     return 0

@@ -174,3 +174,30 @@ def loss_value(x: Groups, loss_fn, chunks=None) -> float:
         else:
             total += sum(float(loss_fn(part[rows], b, rows)) * (rows.stop - rows.start) / n for rows in pieces)
     return total
+
+
+@torch.no_grad()
+def candidate_values(candidates: list[Groups], loss_fn, chunks=None) -> list[float]:
+    """The set's mean loss at each of several candidate sets (one step's candidates, on one draw), all of
+    them in one pass per bucket (and per ``chunks`` row slice): the candidates' rows are stacked
+    candidate-major and ``loss_fn(pixels, bucket, rows, copies=m)`` returns the m candidates' mean losses
+    of those rows, each on the rows' own draw. The pieces add up as in :func:`loss_value`."""
+    m, n = len(candidates), len(candidates[0])
+    totals = [0.0] * m
+    for b, part in enumerate(candidates[0].parts):
+        pieces = chunks(part.shape[0]) if chunks is not None else None
+        for rows in pieces or [None]:
+            stacked = torch.cat([c.parts[b] if rows is None else c.parts[b][rows] for c in candidates])
+            values = loss_fn(stacked, b, rows, copies=m).tolist() if m > 1 else [float(loss_fn(stacked, b, rows))]
+            count = part.shape[0] if rows is None else rows.stop - rows.start
+            for j, value in enumerate(values):
+                totals[j] += value if count == n else value * count / n
+    return totals
+
+
+def row_chunks(size: int) -> Callable[[int], list[slice] | None]:
+    """``chunks`` for :func:`loss_and_grad`: row slices of ``size`` images (a method's ``pgd_batch``), or None
+    (the whole bucket at once) when ``size`` is 0 or covers the bucket."""
+    def chunks(n: int) -> list[slice] | None:
+        return [slice(i, min(i + size, n)) for i in range(0, n, size)] if 0 < size < n else None
+    return chunks

@@ -65,6 +65,18 @@ class Draw:
         return dataclasses.replace(self, timesteps=self.timesteps[rows], noise=self.noise[rows],
                                    posterior_noise=self.posterior_noise[rows])
 
+    def repeat(self, copies: int) -> Draw:
+        """The same draw for ``copies`` candidates stacked candidate-major (rows c·n..c·n+n−1 are candidate c):
+        every candidate sees its images' own randomness, as if evaluated alone."""
+        return dataclasses.replace(self, timesteps=self.timesteps.repeat(copies),
+                                   noise=tile_rows(self.noise, copies),
+                                   posterior_noise=tile_rows(self.posterior_noise, copies))
+
+
+def tile_rows(t: torch.Tensor, copies: int) -> torch.Tensor:
+    """``t`` stacked ``copies`` times along its first dimension."""
+    return t.repeat(copies, *([1] * (t.dim() - 1)))
+
 
 @dataclass
 class LatentCache:

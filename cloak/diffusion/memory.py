@@ -7,6 +7,7 @@
 * attention slicing where attention is not already memory-efficient (torch's SDPA kernels need no
   slicing; older attention processors compute the full attention matrix);
 * ``pgd_batch = 1``: one image per UNet pass in a PGD step (same draws, same step);
+* ``cap_batch = 1``: CAP's line search evaluates one candidate per UNet pass (same draws, same choice);
 * ``surrogate = lora``: LoRA adapters on the shared base instead of full-weight DreamBooth copies
   (cloak.diffusion.lora_surrogate). For ASPL this is the published ``aspl-lora``; for SimAC and the CAP
   hosts it is a [PROP]; methods without that option (FSMG's cached θ_ref, MetaCloak's pool, DLADiff layer 1,
@@ -20,7 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 MEMORY_TIERS = ("default", "low")
-LOW_OPTIONS: dict[str, Any] = {"pgd_batch": 1, "surrogate": "lora"}
+LOW_OPTIONS: dict[str, Any] = {"pgd_batch": 1, "cap_batch": 1, "surrogate": "lora"}
 
 
 def tier_options(tier: str, options_cls) -> dict[str, Any]:

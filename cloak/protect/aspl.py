@@ -30,11 +30,13 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 
 from cloak.adversarial import pgd_step
-from cloak.adversarial.groups import Groups, center_crop, loss_and_grad, loss_value, square_crops
+from cloak.adversarial.groups import (Groups, candidate_values, center_crop, loss_and_grad, loss_value,
+                                     row_chunks, square_crops)
 from cloak.diffusion import Draw, LatentCache, encode_latents, encode_prompts, sample_noise, training_target
 from cloak.diffusion.class_images import class_images
 from cloak.diffusion.dreambooth import DreamBoothConfig, DreamBoothTrainer, autocast_for
 from cloak.diffusion.lora_surrogate import LoraSurrogateOptions
+from cloak.diffusion.loss import tile_rows
 from cloak.diffusion.precision import PIXEL_DTYPE, DtypeLedger
 from cloak.diffusion.surrogate import SnapshotPool
 from cloak.io.images import ImageSet
@@ -56,7 +58,8 @@ class SurrogateOptions(BudgetOptions):
 
 
 def pgd_batch_field():
-    """``pgd_batch`` of the methods whose PGD step goes through ``Aspl.loss_and_grad`` (ASPL, FSMG, SimAC)."""
+    """``pgd_batch`` of the methods whose PGD steps are pieced by ``cloak.adversarial.groups.loss_and_grad``
+    (ASPL, FSMG, SimAC, MetaCloak, DLADiff layer 1)."""
     return Field(0, ge=0, description="images per UNet pass in a PGD step (0 = the whole set at once, as released); "
                                       "smaller bounds memory with the same draws and the same step")
 
@@ -90,6 +93,19 @@ class FamilyDraw(Draw):
         extra = {k: v[rows] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == n else v
                  for k, v in self.extra.items()}
         return dataclasses.replace(super().rows(rows), extra=extra)
+
+    def repeat(self, copies: int) -> FamilyDraw:
+        n = len(self.timesteps)
+        extra = {k: tile_rows(v, copies) if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == n else v
+                 for k, v in self.extra.items()}
+        return dataclasses.replace(super().repeat(copies), extra=extra)
+
+
+def candidate_mse(a: torch.Tensor, b: torch.Tensor, copies: int = 1) -> torch.Tensor:
+    """``F.mse_loss(a, b)``; with ``copies`` candidates stacked candidate-major, one mean per candidate (copies,)."""
+    if copies == 1:
+        return F.mse_loss(a, b)
+    return F.mse_loss(a, b, reduction="none").reshape(copies, -1).mean(1)
 
 
 def ddpm_prev_sample(scheduler, model_output: torch.Tensor, timesteps: torch.Tensor, sample: torch.Tensor,
@@ -415,9 +431,10 @@ class Aspl(ProtectMethod):
         for _ in range(steps):
             draws = [self.draw(sd, part, idx) for part, idx in zip(x.parts, x.indices)]
 
-            def loss_fn(pixels, bucket: int, rows: slice | None = None, draws=draws):
+            def loss_fn(pixels, bucket: int, rows: slice | None = None, draws=draws, copies: int = 1):
+                # copies > 1: CAP's candidates stacked candidate-major, one loss per candidate back
                 draw = draws[bucket] if rows is None else draws[bucket].rows(rows)
-                return self.loss(sd, unet, pixels, text, draw, rows=rows, bucket=bucket)
+                return self.loss(sd, unet, pixels, text, draw, rows=rows, bucket=bucket, copies=copies)
 
             x, loss_value = self.update(x, x0, loss_fn, eps, alpha)
             self.pgd_steps_done += 1
@@ -448,9 +465,13 @@ class Aspl(ProtectMethod):
             extra["step_noise"] = sample_noise((x.shape[0], *shape), self.ctx.generator, x.device)
         return FamilyDraw(d.timesteps, d.noise, d.posterior_noise, extra)
 
-    def loss(self, sd, unet, pixels, text, draw: Draw, rows: slice | None = None, bucket: int = 0) -> torch.Tensor:
+    def loss(self, sd, unet, pixels, text, draw: Draw, rows: slice | None = None, bucket: int = 0,
+             copies: int = 1) -> torch.Tensor:
         """L_dn of ``pixels`` (gradient flows through the VAE encoder) on one fixed draw; with a target,
-        the targeted loss of protect.md §1."""
+        the targeted loss of protect.md §1. ``copies`` > 1: ``pixels`` holds that many candidates of the
+        draw's images stacked candidate-major, each on the same draw, and the loss comes back per candidate."""
+        if copies > 1:
+            draw = draw.repeat(copies)
         latents = encode_latents(sd.vae, pixels, posterior_noise=draw.posterior_noise)
         scheduler = sd.noise_scheduler
         n = latents.shape[0]
@@ -459,7 +480,7 @@ class Aspl(ProtectMethod):
             noisy = scheduler.add_noise(latents, draw.noise.to(latents.dtype), draw.timesteps)
             pred = unet(noisy.to(dt), draw.timesteps, text.to(dt).expand(n, *text.shape[1:])).sample
         target = training_target(scheduler, latents, draw.noise.to(latents.dtype), draw.timesteps)
-        loss = F.mse_loss(pred.float(), target.float())
+        loss = candidate_mse(pred.float(), target.float(), copies)
         if self._target_latents is None:
             return loss
         # T-ASPL/T-FSMG [C]: pull the model's one-step denoised ẑ_{t−1} towards the target's q(z_tgt, ε, t−1).
@@ -470,7 +491,7 @@ class Aspl(ProtectMethod):
         # code's add_noise(…, t−1) indexes ᾱ[−1] = ᾱ_{T−1} there, a 1-in-1000 wrap-around we do not copy.
         tgt_prev = torch.where((draw.timesteps > 0).view(-1, 1, 1, 1),
                                scheduler.add_noise(z_tgt, draw.noise.float(), t_prev), z_tgt)
-        return loss - self.opts.target_weight * F.mse_loss(prev, tgt_prev)
+        return loss - self.opts.target_weight * candidate_mse(prev, tgt_prev, copies)
 
     def update(self, x: Groups, x0: Groups, loss_fn, eps: float, alpha: float):
         """One PGD ascent step (sign of ∇ₓ loss), projected to the budget per image. Plug-ins override this."""
@@ -479,8 +500,7 @@ class Aspl(ProtectMethod):
 
     def chunks(self, n: int) -> list[slice] | None:
         """Row slices of ``pgd_batch`` images, or None when the whole set goes through at once."""
-        size = getattr(self.opts, "pgd_batch", 0)
-        return [slice(i, min(i + size, n)) for i in range(0, n, size)] if 0 < size < n else None
+        return row_chunks(getattr(self.opts, "pgd_batch", 0))(n)
 
     def loss_and_grad(self, x: Groups, loss_fn) -> tuple[float, Groups]:
         """The step's loss (the mean over the set) and ∇ₓ of it, bucket by bucket and in ``pgd_batch``
@@ -493,6 +513,11 @@ class Aspl(ProtectMethod):
     def loss_value(self, x: Groups, loss_fn) -> float:
         """The step's loss at ``x`` without a gradient (CAP's candidates), pieced like ``loss_and_grad``."""
         return loss_value(x, loss_fn, self.chunks)
+
+    def candidate_values(self, candidates: list[Groups], loss_fn) -> list[float]:
+        """The step's loss at each of several candidate sets, in one pass per bucket and ``pgd_batch`` chunk
+        (CAP's batched line search; cloak.adversarial.groups.candidate_values)."""
+        return candidate_values(candidates, loss_fn, self.chunks)
 
     # --- T-ASPL / T-FSMG --------------------------------------------------------------------------
     def prepare_target(self, sd, x0: Groups | None) -> None:

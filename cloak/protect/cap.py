@@ -10,6 +10,8 @@ summed over the set and L_cons the spread of the images' VGG-19 Gram matrices ar
 
 s = −1 by default (§4.3: minimising L_cons makes the styles uniform) [PROP]; s = +1 is Alg. 1 read literally.
 Candidates whose sign pattern equals the previous candidate's are the same point and are not re-evaluated.
+The candidates are evaluated ``cap_batch`` at a time in one UNet pass (stacked along the batch, each on the
+step's own draw; the hosts' losses come back per candidate), not in R + 1 separate passes.
 
 CAP is group-level: the result for an image depends on the whole set. It must not depend on the order in
 which the files were listed, so the host runs on the set in a canonical order — sorted by the sha256 of each
@@ -107,6 +109,9 @@ class _CapOwn(BudgetOptions):
                                                                "(K = the host's total PGD steps)")
     ratio_max: int = Field(100, ge=0, description="R: the ratio λ is searched over the integers 0..R each step")
     cap_sign: int = Field(-1, description="s: −1 makes the styles uniform (§4.3), +1 is Alg. 1 read literally")
+    cap_batch: int = Field(8, ge=0, description="line-search candidates per UNet pass (each with the whole set, "
+                                                "or its pgd_batch chunk); 0 = all of a step's at once, 1 = one "
+                                                "pass per candidate. Same draws, same choice")
     style_layers: list[str] = Field(list(STYLE_LAYERS), description="VGG-19 layers of the Gram matrices "
                                                                    "(post-ReLU)")
     gram_normalise: bool = Field(True, description="divide each Gram matrix by C·H·W (Gatys)")
@@ -173,11 +178,53 @@ class CapPlugin:
 
     cap_state: dict
 
-    def cap_setup(self, style: StyleConsistency, *, ratio_max: int, sign: int, start_fraction: float) -> None:
+    def cap_setup(self, style: StyleConsistency, *, ratio_max: int, sign: int, start_fraction: float,
+                  batch: int = 1) -> None:
         total = self.total_pgd_steps()
         self.cap_state = {"style": style, "R": ratio_max, "s": sign, "K": total, "k_hat": start_fraction * total,
-                          "lambdas": [], "evaluated": 0, "consistency": [],
-                          "step_loss": []}
+                          "batch": batch, "lambdas": [], "evaluated": 0, "per_step": [], "passes": 0,
+                          "consistency": [], "step_loss": []}
+
+    def candidates(self, x: Groups, x0: Groups, g_re: Groups, g_c: Groups, eps: float, alpha: float):
+        """(r, x_r) for r = 0..R, skipping a candidate whose sign pattern equals the previous one's (the same
+        point: the same loss, never a strict improvement). Made lazily, so a pass holds only its own."""
+        st = self.cap_state
+        previous = None
+        for r in range(st["R"] + 1):
+            direction = g_re.map(lambda a, c: (a + (st["s"] * r) * c).sign(), g_c)
+            if previous is not None and direction.equal(previous):
+                continue
+            previous = direction
+            yield r, x.map(lambda p, d, p0: pgd_step(p, d, p0, alpha, eps), direction, x0)
+
+    def candidate_losses(self, x, x0, g_re, g_c, eps: float, alpha: float, loss_fn):
+        """(r, x_r, L(x_r)) in r order: ``cap_batch`` candidates per loss evaluation (0 = all at once; 1 = one
+        evaluation each, the plain ``loss_value``). Every candidate sees the step's own draw either way."""
+        st = self.cap_state
+        size = st["batch"] if st["batch"] > 0 else st["R"] + 1
+
+        def counted(*args, **kwargs):  # each call of the step's loss is one UNet pass over its pixels
+            st["passes"] += 1
+            return loss_fn(*args, **kwargs)
+
+        pending: list = []
+        for item in self.candidates(x, x0, g_re, g_c, eps, alpha):
+            pending.append(item)
+            if len(pending) < size:
+                continue
+            yield from self._evaluate(pending, counted)
+            pending = []
+        if pending:
+            yield from self._evaluate(pending, counted)
+
+    def _evaluate(self, pending: list, loss_fn):
+        if self.cap_state["batch"] == 1:
+            values = [self.loss_value(candidate, loss_fn) for _, candidate in pending]
+        else:
+            values = self.candidate_values([candidate for _, candidate in pending], loss_fn)
+        self.cap_state["evaluated"] += len(pending)
+        for (r, candidate), value in zip(pending, values):
+            yield r, candidate, value
 
     def update(self, x, x0, loss_fn, eps: float, alpha: float):
         st = self.cap_state
@@ -193,21 +240,17 @@ class CapPlugin:
         cons = st["style"](xc)
         g_c = Groups(list(torch.autograd.grad(cons, xc.parts)), x.indices)
         x = x.detach()
-        best_value, best_x, best_r, previous, host_value = None, None, 0, None, None
+        best_value, best_x, best_r, host_value = None, None, 0, None
+        evaluated = st["evaluated"]
         with torch.no_grad():
-            for r in range(st["R"] + 1):
-                direction = g_re.map(lambda a, c: (a + (st["s"] * r) * c).sign(), g_c)
-                if previous is not None and direction.equal(previous):
-                    continue  # the same candidate point as r − 1: same loss, never a strict improvement
-                previous = direction
-                candidate = x.map(lambda p, d, p0: pgd_step(p, d, p0, alpha, eps), direction, x0)
-                value = self.loss_value(candidate, loss_fn) * n
-                st["evaluated"] += 1
+            for r, candidate, value in self.candidate_losses(x, x0, g_re, g_c, eps, alpha, loss_fn):
+                value = value * n
                 if host_value is None:
                     host_value = value  # r = 0: where the host's own step lands
                 if best_value is None or value > best_value:
                     best_value, best_x, best_r = value, candidate, r
         st["lambdas"].append(best_r)
+        st["per_step"].append(st["evaluated"] - evaluated)
         st["consistency"].append(float(cons.detach()))
         # L_re after the step on the step's own draw: the chosen candidate vs the host's own step (r = 0).
         st["step_loss"].append((best_value, host_value))
@@ -216,8 +259,8 @@ class CapPlugin:
     # A checkpoint of the host's loop also keeps CAP's record of the steps taken so far.
     def loop_state(self) -> dict[str, Any]:
         st = self.cap_state
-        return {**super().loop_state(), "cap": {k: st[k] for k in ("lambdas", "evaluated", "consistency",
-                                                                    "step_loss")}}
+        return {**super().loop_state(), "cap": {k: st[k] for k in ("lambdas", "evaluated", "per_step",
+                                                                    "passes", "consistency", "step_loss")}}
 
     def restore_loop(self, loop: dict[str, Any]) -> None:
         super().restore_loop(loop)
@@ -251,7 +294,7 @@ class Cap(ProtectMethod):
         "count has a host-specific name); the budget is CAP's (α 0.005, "
         "η 0.05, all hosts). The host runs on the set sorted by pixel sha256 so the file order cannot change "
         "the result. Sign s = −1 by default (§4.3 text) where Alg. 1 reads +1 [PROP]; the line search evaluates "
-        "every r on the step's own (t, ε) [PROP].")
+        "every r on the step's own (t, ε) [PROP], cap_batch candidates per UNet pass (same draws, same λ).")
     Options = CapOptions
     proposals: ClassVar[tuple[str, ...]] = ("host", "cap_sign", "style_layers", "gram_normalise")
     uses_ref = True
@@ -293,7 +336,8 @@ class Cap(ProtectMethod):
         host.identity_extra = {"cap": o.model_dump(mode="json")}
         features = load_vgg_features(ctx.models, tuple(o.style_layers), o.style_model)
         style = StyleConsistency(features, o.gram_normalise)
-        host.cap_setup(style, ratio_max=o.ratio_max, sign=o.cap_sign, start_fraction=o.start_fraction)
+        host.cap_setup(style, ratio_max=o.ratio_max, sign=o.cap_sign, start_fraction=o.start_fraction,
+                       batch=o.cap_batch)
 
         order = canonical_order(images)
         inverse = [0] * len(order)
@@ -316,7 +360,9 @@ class Cap(ProtectMethod):
             "host": o.host, "total_pgd_steps": st["K"], "k_hat": st["k_hat"], "cap_steps": len(lambdas),
             "ratio_max": st["R"], "sign": st["s"], "style_layers": list(o.style_layers),
             "lambda_mean": sum(lambdas) / len(lambdas) if lambdas else None, "lambdas": lambdas,
-            "candidates_evaluated": st["evaluated"],
+            "candidates_evaluated": st["evaluated"], "candidates_per_step": st["per_step"],
+            "cap_batch": st["batch"],
+            "candidate_loss_passes": st["passes"],
             "step_loss_chosen": [round(a, 6) for a, _ in st["step_loss"]],
             "step_loss_host_step": [round(b, 6) for _, b in st["step_loss"]],
             "consistency_clean": float(clean_dist.mean()), "consistency_final": float(final_dist.mean()),

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator
 
 from cloak.adversarial import pgd_step, to_m11
-from cloak.adversarial.groups import Groups, center_crop, loss_and_grad, square_crops
+from cloak.adversarial.groups import Groups, center_crop, loss_and_grad, row_chunks, square_crops
 from cloak.adversarial.identity import IdentityLoss, Region, square_box
 from cloak.diffusion import Draw, LatentCache, denoising_loss, encode_latents, encode_prompts
 from cloak.diffusion.attention import CrossAttentionRecorder, default_resolution
@@ -41,7 +41,7 @@ from cloak.diffusion.dreambooth import DreamBoothConfig, DreamBoothTrainer, auto
 from cloak.diffusion.precision import PIXEL_DTYPE, DtypeLedger
 from cloak.diffusion.surrogate import cached_dreambooth
 from cloak.io.images import ImageSet, to_uint8
-from cloak.protect.aspl import SurrogateOptions
+from cloak.protect.aspl import SurrogateOptions, pgd_batch_field
 from cloak.diffusion.checkpoint import LoopCheckpoint
 from cloak.protect.base import ProtectMethod, ProtectResult, load_weights, restore_groups, weights_of
 
@@ -75,6 +75,7 @@ class DLADiffOptions(SurrogateOptions):
                                  "wherever a probability exceeds 1/attention_scale)")
     attention_scale: float = Field(100.0, gt=0, description="attention_norm=clamp: maps are scaled by this and "
                                                            "clamped to [0,1] (Anti-Diffusion: 100)")
+    pgd_batch: int = pgd_batch_field()  # layer 1's PGD (steps 1 and 3); layer 2's encoders see the whole set
     # Layer 2
     eps_zs: float = Field(8.0, ge=0, description="layer 2 ℓ∞ budget around the layer-1 result",
                           json_schema_extra={"unit": "zs_unit"})
@@ -229,6 +230,7 @@ class DLADiff(ProtectMethod):
         dtypes.note("perturbation", x.parts)
         return x.detach(), {
             "epochs": epochs, "attention_steps": n_att, "surrogate_steps": n_db, "pgd_steps": n_pgd,
+            "pgd_batch": o.pgd_batch,
             "attention_resolution": resolution, "static_surrogate": static_info,
             "attention_norm": o.attention_norm, "final_attention_objective": att_loss,
             "final_attention_term": self.attention_terms[-1] if getattr(self, "attention_terms", None) else None,
@@ -318,12 +320,14 @@ class DLADiff(ProtectMethod):
             terms: list[float] = []
 
             def loss_fn(pixels, b: int, rows=None, draws=draws, terms=terms):
+                # rows: a pgd_batch chunk of bucket b; it takes its own clean images and rows of the draw
                 recorder.positions = positions[b][1]
-                att, ldn = self.attention_loss(sd, unet, text, recorder, pixels, x0.parts[b], draws[b])
+                clean, draw = (x0.parts[b], draws[b]) if rows is None else (x0.parts[b][rows], draws[b].rows(rows))
+                att, ldn = self.attention_loss(sd, unet, text, recorder, pixels, clean, draw)
                 terms.append(float(att.detach()) * pixels.shape[0] / len(x))
                 return o.attention_weight * att + ldn
 
-            value, grad = loss_and_grad(x, loss_fn)
+            value, grad = loss_and_grad(x, loss_fn, row_chunks(o.pgd_batch))
             self.attention_terms.append(sum(terms))
             x = x.map(lambda p, g, p0: pgd_step(p.detach(), g, p0, alpha, eps), grad, x0)
         recorder.reset()
@@ -356,8 +360,9 @@ class DLADiff(ProtectMethod):
         value = float("nan")
         for _ in range(steps):
             draws = [self.draw(sd, part) for part in x.parts]
-            value, grad = loss_and_grad(x, lambda pixels, b, rows=None: self.denoising(sd, trainer.unet, text,
-                                                                                       pixels, draws[b]))
+            value, grad = loss_and_grad(x, lambda pixels, b, rows=None: self.denoising(
+                sd, trainer.unet, text, pixels, draws[b] if rows is None else draws[b].rows(rows)),
+                row_chunks(self.opts.pgd_batch))
             x = x.map(lambda p, g, p0: pgd_step(p.detach(), g, p0, alpha, eps), grad, x0)
         return x.detach(), value
 

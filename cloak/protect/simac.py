@@ -21,7 +21,6 @@ from __future__ import annotations
 from typing import Any, ClassVar, Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 
 from cloak.adversarial import pgd_step
@@ -29,7 +28,8 @@ from cloak.adversarial.groups import Groups
 from cloak.diffusion import Draw, LatentCache, denoising_loss, encode_latents, encode_prompts, sample_noise
 from cloak.diffusion.dreambooth import autocast_for
 from cloak.diffusion.lora_surrogate import LoraSurrogateOptions
-from cloak.protect.aspl import Aspl, SurrogateOptions, pgd_batch_field, save_every_field
+from cloak.diffusion.loss import tile_rows
+from cloak.protect.aspl import Aspl, SurrogateOptions, candidate_mse, pgd_batch_field, save_every_field
 
 
 class FeatureTap:
@@ -198,13 +198,14 @@ class Simac(Aspl):
         d.extra["clean_posterior_noise"] = sample_noise(d.posterior_noise.shape, self.ctx.generator, x.device)
         return d
 
-    def loss(self, sd, unet, pixels, text, draw, rows: slice | None = None, bucket: int = 0) -> torch.Tensor:
+    def loss(self, sd, unet, pixels, text, draw, rows: slice | None = None, bucket: int = 0,
+             copies: int = 1) -> torch.Tensor:
         lam = self.opts.feature_weight
         if lam == 0:
-            return super().loss(sd, unet, pixels, text, draw, rows, bucket)
+            return super().loss(sd, unet, pixels, text, draw, rows, bucket, copies)
         resnets = unet.up_blocks[-1].resnets  # up_blocks[3] on SD: the 64×64-latent up-block
         with FeatureTap(resnets) as tap:
-            loss = super().loss(sd, unet, pixels, text, draw, rows, bucket)
+            loss = super().loss(sd, unet, pixels, text, draw, rows, bucket, copies)
         feats = tap.features()
         with torch.no_grad(), FeatureTap(resnets) as clean_tap:
             cache = self._clean_latents[bucket]  # the clean images of this shape bucket
@@ -214,8 +215,10 @@ class Simac(Aspl):
             with autocast_for(z.device, self.ctx.dtype):
                 noisy = sd.noise_scheduler.add_noise(z, draw.noise.to(z.dtype), draw.timesteps)
                 unet(noisy.to(dt), draw.timesteps, text.to(dt).expand(z.shape[0], *text.shape[1:]))
-        term = F.mse_loss(feats, clean_tap.features())
-        self._last_feature_loss = float(term.detach())
+        # The clean branch does not depend on the candidate: one pass on the draw's images serves all copies.
+        clean_feats = clean_tap.features()
+        term = candidate_mse(feats, tile_rows(clean_feats, copies) if copies > 1 else clean_feats, copies)
+        self._last_feature_loss = float(term.detach().reshape(-1)[-1])
         if self.ctx.compat:
             # [Q] released: `loss + target_loss.detach().item()` — the value joins, the gradient does not.
             return loss + lam * term.detach()
