@@ -168,3 +168,52 @@ def test_aspl_gives_the_loaded_base_weights_back(shared_cache, image_dir):
     again = _aspl(shared_cache)
     again.ctx.models = method.ctx.models  # the same loaded handle
     assert _digest(*again(images).pixels) == _digest(*first.pixels)
+
+
+def test_aspl_frees_the_unused_copy_and_the_trainers_before_the_base_is_read_back(shared_cache, image_dir,
+                                                                                    monkeypatch):
+    """Peak memory (issue 16 §1): the copy f was first made on is freed once f trains the loaded base (the dtype
+    record kept it alive through the whole loop: one full UNet + text encoder), and f', AdamW's moments and the
+    rest are freed before the base weights are read back (they sat under the reload's file mapping, which
+    became the run's peak). The dtype record still names the trainers' dtypes."""
+    import gc
+    import weakref
+
+    from cloak.io.images import read_images
+    from cloak.protect import aspl
+
+    images = read_images(image_dir, 64)
+    method = _aspl(shared_cache)
+    refs = {}
+    pair = aspl.Aspl.surrogate_pair
+
+    def spy_pair(self, sd, clean):
+        learner, surrogate = pair(self, sd, clean)
+        refs["copy"] = weakref.ref(surrogate.unet)
+        refs["learner"] = weakref.ref(learner.unet)
+        refs["moments"] = weakref.ref(learner.optimizer)
+        return learner, surrogate
+
+    alive = {}
+    inner = method.iteration
+
+    def spy_iteration(*a):
+        gc.collect()
+        alive.setdefault("copy in the loop", refs["copy"]() is not None)
+        return inner(*a)
+
+    back = aspl.Aspl.return_base
+
+    def spy_return(self, sd):
+        gc.collect()
+        alive["learner at reload"] = refs["learner"]() is not None
+        alive["optimizer at reload"] = refs["moments"]() is not None
+        return back(self, sd)
+
+    monkeypatch.setattr(aspl.Aspl, "surrogate_pair", spy_pair)
+    monkeypatch.setattr(aspl.Aspl, "return_base", spy_return)
+    method.iteration = spy_iteration
+    result = method(images)
+    assert alive == {"copy in the loop": False, "learner at reload": False, "optimizer at reload": False}
+    assert result.summary["dtypes"]["trained_weights"] == "float32"
+    assert method.dtype_record()["trained_optimizer_state"] == "float32"  # kept after the trainers went

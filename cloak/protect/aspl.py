@@ -172,6 +172,7 @@ class Aspl(ProtectMethod):
             # The run is over: f' and AdamW's moments go before the base weights are read back, so that
             # reload stays under the loop's peak.
             del learner, surrogate
+            self.release_trainers()
             gc.collect()
             self.return_base(sd)
 
@@ -227,6 +228,9 @@ class Aspl(ProtectMethod):
         lent = DreamBoothTrainer(sd, sd.unet, sd.text_encoder, surrogate.cfg, class_latents=surrogate.class_latents,
                                  generator=surrogate.generator)
         self._lent = (sd.unet, sd.text_encoder)
+        # The copy f was made on goes now: the dtype record follows the trainer that really runs, and keeping
+        # the copy there would hold a full UNet + text encoder for nothing through the whole loop.
+        self._trainers = [lent if t is surrogate else t for t in self.__dict__.get("_trainers", [])]
         return lent
 
     def return_base(self, sd) -> None:
@@ -330,6 +334,12 @@ class Aspl(ProtectMethod):
         if sd is not None:
             self.dtypes.note("frozen_weights", sd.vae.parameters())
         return self.dtypes.record()
+
+    def release_trainers(self) -> None:
+        """The run's trainers are done: their dtypes go into the record, and the references go, so their weights
+        and AdamW's moments are freed before anything else is loaded (the base read back, the next model)."""
+        for trainer in self.__dict__.pop("_trainers", []):
+            self.dtypes.note_trainer(trainer)
 
     def track(self, sd, *trainers: DreamBoothTrainer) -> None:
         """Register the base model and trainers whose dtypes the report records."""
