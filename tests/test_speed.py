@@ -217,3 +217,36 @@ def test_aspl_frees_the_unused_copy_and_the_trainers_before_the_base_is_read_bac
     assert alive == {"copy in the loop": False, "learner at reload": False, "optimizer at reload": False}
     assert result.summary["dtypes"]["trained_weights"] == "float32"
     assert method.dtype_record()["trained_optimizer_state"] == "float32"  # kept after the trainers went
+
+
+def test_base_weights_read_back_from_safetensors_without_mapping_the_file(tmp_path, monkeypatch):
+    """ASPL's read-back of the base weights reads each tensor into the module's own storage (no file mapping in
+    the process's resident memory) and converts a tensor stored in another dtype; it gives the bytes
+    safetensors' own loader gives, and declines a file whose names or shapes differ."""
+    from safetensors.torch import load_file, save_file
+
+    from cloak.protect.aspl import _copy_from_safetensors
+
+    gen = torch.Generator().manual_seed(0)
+    source = torch.nn.Sequential(torch.nn.Linear(5, 3), torch.nn.LayerNorm(3))
+    for p in source.parameters():
+        p.data = torch.randn(p.shape, generator=gen)
+    (tmp_path / "m").mkdir()
+    state = {k: v.contiguous() for k, v in source.state_dict().items()}
+    state["1.bias"] = state["1.bias"].to(torch.float16)  # one tensor stored in another dtype
+    save_file(state, str(tmp_path / "m" / "model.safetensors"))
+    target = torch.nn.Sequential(torch.nn.Linear(5, 3), torch.nn.LayerNorm(3))
+    import safetensors
+
+    def mapped(*a, **k):
+        raise AssertionError("safe_open maps the whole file into the process")
+
+    monkeypatch.setattr(safetensors, "safe_open", mapped)
+    assert _copy_from_safetensors(target, tmp_path / "m")
+    expected = load_file(str(tmp_path / "m" / "model.safetensors"))
+    for name, value in target.state_dict().items():
+        assert torch.equal(value, expected[name].to(value.dtype)), name
+    other = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.LayerNorm(4))
+    before = [p.clone() for p in other.parameters()]
+    assert not _copy_from_safetensors(other, tmp_path / "m")
+    assert all(torch.equal(a, b) for a, b in zip(before, other.parameters()))  # nothing written
