@@ -13,6 +13,8 @@ such steps; its PGD steps (4 images, no weight gradients) would need graphs of t
     python benchmarks/bench_compile.py --steps 5 --threads 2 --cache /tmp/inductor-warm
 
 Run it on an idle machine: wall-clock figures taken while other processes compete are not valid.
+Seen on the shared 2-core machine under load 7–12 (not valid figures): the cold compile did not finish
+within 23 min on mid-sd (eager step ~11.5 s under the same load) nor within 14 min on tiny-sd.
 """
 
 from __future__ import annotations
