@@ -168,3 +168,85 @@ def test_aspl_gives_the_loaded_base_weights_back(shared_cache, image_dir):
     again = _aspl(shared_cache)
     again.ctx.models = method.ctx.models  # the same loaded handle
     assert _digest(*again(images).pixels) == _digest(*first.pixels)
+
+
+def test_aspl_frees_the_unused_copy_and_the_trainers_before_the_base_is_read_back(shared_cache, image_dir,
+                                                                                    monkeypatch):
+    """Peak memory (issue 16 §1): the copy f was first made on is freed once f trains the loaded base (the dtype
+    record kept it alive through the whole loop: one full UNet + text encoder), and f', AdamW's moments and the
+    rest are freed before the base weights are read back (they sat under the reload's file mapping, which
+    became the run's peak). The dtype record still names the trainers' dtypes."""
+    import gc
+    import weakref
+
+    from cloak.io.images import read_images
+    from cloak.protect import aspl
+
+    images = read_images(image_dir, 64)
+    method = _aspl(shared_cache)
+    refs = {}
+    pair = aspl.Aspl.surrogate_pair
+
+    def spy_pair(self, sd, clean):
+        learner, surrogate = pair(self, sd, clean)
+        refs["copy"] = weakref.ref(surrogate.unet)
+        refs["learner"] = weakref.ref(learner.unet)
+        refs["moments"] = weakref.ref(learner.optimizer)
+        return learner, surrogate
+
+    alive = {}
+    inner = method.iteration
+
+    def spy_iteration(*a):
+        gc.collect()
+        alive.setdefault("copy in the loop", refs["copy"]() is not None)
+        return inner(*a)
+
+    back = aspl.Aspl.return_base
+
+    def spy_return(self, sd):
+        gc.collect()
+        alive["learner at reload"] = refs["learner"]() is not None
+        alive["optimizer at reload"] = refs["moments"]() is not None
+        return back(self, sd)
+
+    monkeypatch.setattr(aspl.Aspl, "surrogate_pair", spy_pair)
+    monkeypatch.setattr(aspl.Aspl, "return_base", spy_return)
+    method.iteration = spy_iteration
+    result = method(images)
+    assert alive == {"copy in the loop": False, "learner at reload": False, "optimizer at reload": False}
+    assert result.summary["dtypes"]["trained_weights"] == "float32"
+    assert method.dtype_record()["trained_optimizer_state"] == "float32"  # kept after the trainers went
+
+
+def test_base_weights_read_back_from_safetensors_without_mapping_the_file(tmp_path, monkeypatch):
+    """ASPL's read-back of the base weights reads each tensor into the module's own storage (no file mapping in
+    the process's resident memory) and converts a tensor stored in another dtype; it gives the bytes
+    safetensors' own loader gives, and declines a file whose names or shapes differ."""
+    from safetensors.torch import load_file, save_file
+
+    from cloak.protect.aspl import _copy_from_safetensors
+
+    gen = torch.Generator().manual_seed(0)
+    source = torch.nn.Sequential(torch.nn.Linear(5, 3), torch.nn.LayerNorm(3))
+    for p in source.parameters():
+        p.data = torch.randn(p.shape, generator=gen)
+    (tmp_path / "m").mkdir()
+    state = {k: v.contiguous() for k, v in source.state_dict().items()}
+    state["1.bias"] = state["1.bias"].to(torch.float16)  # one tensor stored in another dtype
+    save_file(state, str(tmp_path / "m" / "model.safetensors"))
+    target = torch.nn.Sequential(torch.nn.Linear(5, 3), torch.nn.LayerNorm(3))
+    import safetensors
+
+    def mapped(*a, **k):
+        raise AssertionError("safe_open maps the whole file into the process")
+
+    monkeypatch.setattr(safetensors, "safe_open", mapped)
+    assert _copy_from_safetensors(target, tmp_path / "m")
+    expected = load_file(str(tmp_path / "m" / "model.safetensors"))
+    for name, value in target.state_dict().items():
+        assert torch.equal(value, expected[name].to(value.dtype)), name
+    other = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.LayerNorm(4))
+    before = [p.clone() for p in other.parameters()]
+    assert not _copy_from_safetensors(other, tmp_path / "m")
+    assert all(torch.equal(a, b) for a, b in zip(before, other.parameters()))  # nothing written

@@ -188,6 +188,7 @@ class Aspl(ProtectMethod):
             # The run is over: f' and AdamW's moments go before the base weights are read back, so that
             # reload stays under the loop's peak.
             del learner, surrogate
+            self.release_trainers()
             gc.collect()
             self.return_base(sd)
 
@@ -243,6 +244,9 @@ class Aspl(ProtectMethod):
         lent = DreamBoothTrainer(sd, sd.unet, sd.text_encoder, surrogate.cfg, class_latents=surrogate.class_latents,
                                  generator=surrogate.generator)
         self._lent = (sd.unet, sd.text_encoder)
+        # The copy f was made on goes now: the dtype record follows the trainer that really runs, and keeping
+        # the copy there would hold a full UNet + text encoder for nothing through the whole loop.
+        self._trainers = [lent if t is surrogate else t for t in self.__dict__.get("_trainers", [])]
         return lent
 
     def return_base(self, sd) -> None:
@@ -346,6 +350,12 @@ class Aspl(ProtectMethod):
         if sd is not None:
             self.dtypes.note("frozen_weights", sd.vae.parameters())
         return self.dtypes.record()
+
+    def release_trainers(self) -> None:
+        """The run's trainers are done: their dtypes go into the record, and the references go, so their weights
+        and AdamW's moments are freed before anything else is loaded (the base read back, the next model)."""
+        for trainer in self.__dict__.pop("_trainers", []):
+            self.dtypes.note_trainer(trainer)
 
     def track(self, sd, *trainers: DreamBoothTrainer) -> None:
         """Register the base model and trainers whose dtypes the report records."""
@@ -647,21 +657,47 @@ class _Member:
     state: dict = field(default_factory=dict)
 
 
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+                       "I64": torch.int64, "I32": torch.int32}
+
+
 @torch.no_grad()
 def _copy_from_safetensors(module: torch.nn.Module, folder) -> bool:
-    """Read a module's weights back from its one safetensors file tensor by tensor (no second full copy of
-    the module, unlike ``from_pretrained``); False when the folder is laid out otherwise."""
-    from safetensors import safe_open
+    """Read a module's weights back from its one safetensors file tensor by tensor, straight into the module's
+    own storage (no second full copy of the module, unlike ``from_pretrained``; and no mapping of the file,
+    whose pages would count in the process's resident memory as ``safe_open``'s do: that mapping was the peak
+    of the run). A tensor stored in another dtype is read and converted. False when the folder is laid out
+    otherwise."""
+    import json
+    import struct
+    import sys
 
     files = sorted(folder.glob("*.safetensors"))
     if len(files) != 1:
         return False
     state = module.state_dict()
-    with safe_open(str(files[0]), framework="pt") as f:
-        if set(f.keys()) != set(state):
-            return False
-        for name in f.keys():
-            state[name].copy_(f.get_tensor(name))
+    with open(files[0], "rb") as fh:
+        (size,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(size))
+        header.pop("__metadata__", None)
+        if set(header) != set(state) or any(
+                list(state[name].shape) != list(info["shape"]) or info["dtype"] not in _SAFETENSORS_DTYPES
+                for name, info in header.items()):
+            return False  # checked before anything is written: the caller's fallback then starts clean
+        base = 8 + size
+        for name, info in header.items():
+            target = state[name]
+            begin, end = info["data_offsets"]
+            stored = _SAFETENSORS_DTYPES[info["dtype"]]
+            fh.seek(base + begin)
+            if (stored == target.dtype and target.device.type == "cpu" and target.is_contiguous()
+                    and sys.byteorder == "little" and target.numel() * target.element_size() == end - begin):
+                if end > begin and fh.readinto(target.reshape(-1).view(torch.uint8).numpy().data) != end - begin:
+                    raise OSError(f"{files[0]}: {name} is cut short")
+                continue
+            raw = bytearray(fh.read(end - begin))
+            target.copy_(torch.frombuffer(raw, dtype=stored).reshape(target.shape) if raw else
+                         torch.empty(target.shape, dtype=stored))
     return True
 
 
