@@ -141,6 +141,18 @@ def _threads():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _threads_restored():
+    """Every test leaves torch's intra-op thread count as it found it. A test that set one thread and kept it
+    made every later test in the process run single-threaded, and the pinned-bytes tests (recorded at two
+    threads: reductions split differently) failed only in the full run."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
 sys.path.insert(0, str(Path(__file__).parent))
 
 

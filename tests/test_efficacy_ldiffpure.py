@@ -137,7 +137,7 @@ def test_ldiffpure_brings_an_advdm_photo_closer_to_the_clean_one(tiny_sd, tmp_pa
     from cloak.io.images import read_images
     from cloak.protect.advdm import AdvDM
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # conftest's _threads_restored puts the count back afterwards
     sd = _stand_in(tiny_sd, tmp_path)
     images = read_images(identity_set(tmp_path / "clean", 3, 2), 64)
     clean = images.pixels

@@ -84,14 +84,11 @@ def test_square_crops_are_the_centre_of_each_working_copy():
 
 # --- uniform sets: the same bytes as before the buckets -----------------------------------------------
 @pytest.mark.parametrize("name", sorted(BEFORE_BUCKETS))
-def test_uniform_set_gives_the_same_bytes_as_before(name, tmp_path):
+def test_uniform_set_gives_the_same_bytes_as_before(name, shared_cache):
     # DLADiff's digest was recorded with Anti-Diffusion's ×100-and-clamp attention maps, since replaced by the
     # token_max default [PROP] (issue 15 §3): ask for the old transform to compare the same computation.
     options = {"attention_norm": "clamp"} if name == "dladiff" else None
-    # A cache of its own: the session's shared cache holds what earlier tests left there (class images and
-    # the like, made under their settings), and the pinned bytes must not depend on test order (in the full
-    # run they did: all four passed alone and failed after this wave's new test files; not traced further).
-    assert run_digest(name, tmp_path / "cache", options=options) == BEFORE_BUCKETS[name]
+    assert run_digest(name, shared_cache, options=options) == BEFORE_BUCKETS[name]
 
 
 # --- mixed shapes ------------------------------------------------------------------------------------
