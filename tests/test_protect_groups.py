@@ -84,11 +84,15 @@ def test_square_crops_are_the_centre_of_each_working_copy():
 
 # --- uniform sets: the same bytes as before the buckets -----------------------------------------------
 @pytest.mark.parametrize("name", sorted(BEFORE_BUCKETS))
-def test_uniform_set_gives_the_same_bytes_as_before(name, shared_cache):
+def test_uniform_set_gives_the_same_bytes_as_before(name, tmp_path):
     # DLADiff's digest was recorded with Anti-Diffusion's ×100-and-clamp attention maps, since replaced by the
     # token_max default [PROP] (issue 15 §3): ask for the old transform to compare the same computation.
     options = {"attention_norm": "clamp"} if name == "dladiff" else None
-    assert run_digest(name, shared_cache, options=options) == BEFORE_BUCKETS[name]
+    # The conditions the digests were recorded under, whatever ran before in the process: a cache of its own
+    # (in the full run, dladiff and fsmg differed after other tests had filled the shared session cache;
+    # the cached item is not traced yet) and two intra-op threads (reductions split by thread count).
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    assert run_digest(name, tmp_path / "cache", options=options) == BEFORE_BUCKETS[name]
 
 
 # --- mixed shapes ------------------------------------------------------------------------------------
