@@ -11,11 +11,8 @@ from _groups_helper import image_set, make_method
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_thread):
+    """This file's tests run on one intra-op thread (conftest's ``one_thread``)."""
 
 
 def _flat(pixels) -> torch.Tensor:

@@ -21,12 +21,8 @@ from PIL import Image
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread, as test_protect_family (two threads on two busy cores spin in OpenMP barriers)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_thread):
+    """This file's tests run on one intra-op thread (conftest's ``one_thread``)."""
 
 
 def _ok(result):

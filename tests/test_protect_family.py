@@ -49,13 +49,8 @@ from cloak.diffusion.surrogate import SnapshotPool, cached_dreambooth, pixels_sh
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread for these tests: with two threads on two busy cores, OpenMP barriers spin
-    and a tiny DreamBooth step took ~10× longer (measured 0.45 s vs 4.2 s CPU for the same work)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_thread):
+    """This file's tests run on one intra-op thread (conftest's ``one_thread``)."""
 
 
 def sign_noise_copy(src: Path, dst: Path, eps_m11: float, seed: int = 5) -> Path:
