@@ -6,6 +6,7 @@
 #   fp32   fp32 weights, autocast switched off (every op in fp32)
 #   bf16   cloak's CUDA default: fp32 master weights, compute under bf16 autocast
 #   low    the low-memory tier, `--memory low` (skipped cleanly when this build's CLI has no such flag)
+#   bf16w, low-bf16w   the same with bf16 weights (`--dtype bf16`); not in the default MODES
 #
 # Each mode runs `cloak protect --method aspl` in its own process (so peak VRAM is its own) and prints:
 # seconds per outer iteration (the second iteration; the first pays for lazy allocations and is where the
@@ -92,8 +93,10 @@ def main(mode, images, classes, out):
     args = ["protect", "--method", "aspl", "--model", "sd21-shaped", "--device", "cuda", "--fit", "crop",
             "--class-dir", classes, "-o", "iterations=2", "-o", "class_images=4", "-o", "surrogate_steps=3",
             "-o", "pgd_steps=6", "-q", images, out]
-    if mode == "low":
+    if mode in ("low", "low-bf16w"):
         args[1:1] = ["--memory", "low"]
+    if mode.endswith("bf16w"):  # bf16 weights (--dtype bf16): the trained copies' masters stay fp32
+        args[1:1] = ["--dtype", "bf16"]
     rc = cli(args)
     if rc != 0 or len(times) < 2:
         print(json.dumps({"mode": mode, "error": f"exit code {rc}, {len(times)} iteration(s) timed"}))
@@ -159,12 +162,14 @@ echo "gpu_check: building sd21-shaped (once) and the inputs ..." >&2
 "$PYTHON" "$WORK/driver.py" probe > "$WORK/probe.json"
 
 HAS_MEMORY_FLAG=0
-if "$PYTHON" -m cloak protect --help 2>/dev/null | grep -q -- "--memory"; then HAS_MEMORY_FLAG=1; fi
+# The help goes to a variable first: `--help | grep -q` under pipefail fails when grep stops reading early.
+PROTECT_HELP="$(COLUMNS=200 "$PYTHON" -m cloak protect --help 2>/dev/null || true)"
+if grep -q -- "--memory" <<< "$PROTECT_HELP"; then HAS_MEMORY_FLAG=1; fi
 
 : > "$WORK/rows.jsonl"
 for mode in $MODES; do
-  if [ "$mode" = low ] && [ "$HAS_MEMORY_FLAG" = 0 ]; then
-    echo "{\"mode\": \"low\", \"skipped\": \"this build's 'cloak protect' has no --memory flag\"}" >> "$WORK/rows.jsonl"
+  if [ "${mode#low}" != "$mode" ] && [ "$HAS_MEMORY_FLAG" = 0 ]; then
+    echo "{\"mode\": \"$mode\", \"skipped\": \"this build's 'cloak protect' has no --memory flag\"}" >> "$WORK/rows.jsonl"
     continue
   fi
   echo "gpu_check: mode $mode ..." >&2
@@ -189,17 +194,16 @@ peak = probe["table_bf16_tflops"]
 print(f"device: {probe['device']}; dense bf16 peak {peak if peak else 'unknown'} TFLOP/s (table), "
       f"measured bf16 GEMM {probe['measured_bf16_gemm_tflops']:.0f} TFLOP/s")
 print("ASPL, sd21-shaped, 4 images at 512², 4 class images, 3 DB + 6 PGD + 3 DB steps per outer iteration")
-print(f"{'mode':<6} {'s/iteration':>12} {'peak VRAM GiB':>14} {'TFLOP/s':>9} {'of bf16 peak':>13}")
+print(f"{'mode':<10} {'s/iteration':>12} {'peak VRAM GiB':>14} {'TFLOP/it':>9} {'TFLOP/s':>9} {'of bf16 peak':>13}")
 flops = next((r.get("flops_per_iteration") for r in rows if r.get("flops_per_iteration")), None)
 for r in rows:
     if "skipped" in r or "error" in r:
-        print(f"{r['mode']:<6} {r.get('skipped') or r.get('error')}")
+        print(f"{r['mode']:<10} {r.get('skipped') or r.get('error')}")
         continue
     f = r.get("flops_per_iteration") or flops
     tflops = f / r["s_per_iteration"] / 1e12 if f else None
     share = f"{tflops / peak:13.1%}" if tflops and peak else f"{'-':>13}"
-    print(f"{r['mode']:<6} {r['s_per_iteration']:>12.2f} {r['peak_vram_gib']:>14.2f} "
-          f"{tflops if tflops is not None else float('nan'):>9.1f} {share}")
-if flops:
-    print(f"FLOPs per outer iteration: {flops / 1e12:.2f} TFLOP (counted in each mode's first iteration)")
+    print(f"{r['mode']:<10} {r['s_per_iteration']:>12.2f} {r['peak_vram_gib']:>14.2f} "
+          f"{(f or float('nan')) / 1e12:>9.2f} {tflops if tflops is not None else float('nan'):>9.1f} {share}")
+print("TFLOP/it: FLOPs of one outer iteration, counted in each mode's first (the low tier's checkpointing recomputes)")
 EOF

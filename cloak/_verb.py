@@ -84,6 +84,21 @@ def _pick_device(requested: str) -> str:
     return requested
 
 
+def _reproducible_cuda() -> None:
+    """Same seed, same bytes on a GPU too (ARCHITECTURE §3): cuDNN's deterministic algorithms and a fixed cuBLAS
+    workspace, as PyTorch's reproducibility notes ask (the workspace setting only takes if no cuBLAS handle
+    exists yet in the process). Ops whose CUDA backward scatters with atomic adds are replaced where cloak
+    differentiates through them (cloak/adversarial/resample.py). On an H200, DLADiff's bytes differed between
+    two runs of one seed without these; with them, the runs tried repeated (few runs: evidence, not proof)."""
+    import os
+
+    import torch
+
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
 class VerbRun:
     """Shared set-up of one verb invocation: config, models, context, report."""
 
@@ -162,6 +177,8 @@ class VerbRun:
         from cloak.models.handle import Models
 
         device = torch.device(_pick_device(self.device_name))
+        if device.type == "cuda":
+            _reproducible_cuda()
         dtype = getattr(torch, self.dtype_name)
         self.models = Models(cache_dir=self.cache, device=device, dtype=dtype, tiny=self.common.tiny,
                              overrides=self.cfg.models)

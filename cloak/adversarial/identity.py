@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from cloak.adversarial.resample import resize
+
 
 @dataclass(frozen=True)
 class Region:
@@ -50,7 +52,7 @@ def crop_resize(x, regions: list[Region], size: int) -> torch.Tensor:
             x1, y1, x2, y2 = region.box
             img = img[:, :, y1:y2, x1:x2]
         if img.shape[-2:] != (size, size):
-            img = F.interpolate(img, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
+            img = resize(img, (size, size), mode="bicubic", antialias=True)  # deterministic gradient on CUDA
         out.append(img)
     return torch.cat(out).clamp(-1, 1)
 

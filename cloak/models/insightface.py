@@ -38,9 +38,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from cloak.adversarial.identity import Region, crop_resize
+from cloak.adversarial.resample import grid_sample
 from cloak.errors import ModelUnavailableError
 from cloak.models.encoders import IdentityEncoder
 from cloak.models.faces import Face
@@ -519,8 +519,7 @@ def warp_crops(images, matrices, size: int = CROP_SIZE):
         xy = (grid_uv - torch.from_numpy(m[:, 2])) @ torch.from_numpy(inverse).T  # size×size×2 image pixels
         h, w = image.shape[-2:]
         grid = torch.stack([2 * xy[..., 0] / max(w - 1, 1) - 1, 2 * xy[..., 1] / max(h - 1, 1) - 1], -1)
-        crops.append(F.grid_sample(image[None], grid[None].to(image.device, image.dtype), mode="bilinear",
-                                   padding_mode="zeros", align_corners=True))
+        crops.append(grid_sample(image[None], grid[None]))  # F.grid_sample; deterministic gradient on CUDA
     return torch.cat(crops)
 
 

@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cloak.adversarial.resample import grid_sample
+
 __all__ = [
     "ANET_SPEC",
     "DatFormatError",
@@ -458,8 +460,7 @@ def extract_chips(x: Tensor | list[Tensor], matrices, size: int = CHIP_SIZE) -> 
         if factor > 1:  # antialias at the pyramid level's scale, then sample at full-resolution coordinates
             img = _gaussian_blur(img, sigma=0.5 * factor)
         grid = torch.stack([2 * xy[..., 0] / (w - 1) - 1, 2 * xy[..., 1] / (h - 1) - 1], -1)
-        chip = F.grid_sample(img, grid[None].to(img.device, img.dtype), mode="bilinear", padding_mode="zeros",
-                             align_corners=True)
+        chip = grid_sample(img, grid[None])  # F.grid_sample, zeros outside; deterministic gradient on CUDA
         # dlib leaves a chip pixel black unless all four pixels around its sample are inside the image.
         inside = (xy[..., 0] >= 0) & (xy[..., 0] < w - 1) & (xy[..., 1] >= 0) & (xy[..., 1] < h - 1)
         chips.append(chip * inside.to(img.device, chip.dtype))
