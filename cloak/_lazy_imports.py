@@ -38,6 +38,10 @@ from pathlib import Path
 
 LAZY_PACKAGES = ("diffusers.models.transformers", "diffusers.models.autoencoders", "diffusers.models.unets",
                  "diffusers.hooks")
+# Modules that the libraries bind with a plain ``import x.y`` and read only when a feature that needs them
+# runs: their code runs on the first attribute read (_RunOnAccessLoader). diffusers' schedulers
+# ``import scipy.stats`` for ``use_beta_sigmas`` only, and scipy.stats is ~1.3 s of a run's imports.
+LOADED_ON_ACCESS = ("scipy.stats",)
 # diffusers releases whose three __init__ files have the checked shape (pyproject's floor to the newest
 # one read); a newer minor gets the plain import until it is checked and added here.
 CHECKED_DIFFUSERS = ((0, 30), (0, 42))
@@ -142,10 +146,59 @@ class _LazyPackageLoader(importlib.abc.Loader):
         module.__cloak_lazy__ = True  # so a test (and a curious user) can tell
 
 
+class _PendingModule(types.ModuleType):
+    """A module whose code has not run yet: the first attribute read runs it, then reads the attribute.
+
+    ``__spec__``, ``__name__`` and ``__class__`` are read without running it: the import system reads
+    ``__spec__`` on every later ``import x.y`` of a module already in ``sys.modules`` (Python 3.11), which
+    is why ``importlib.util.LazyLoader`` would run the code at the second ``import scipy.stats``. Any other
+    name (``__path__`` for a submodule's import, ``__dict__``, ``__file__``, every public name) runs it
+    first, so the module's own ``__init__`` still runs before any of its submodules, as in a plain import.
+    """
+
+    def __getattribute__(self, attr):
+        if attr in ("__spec__", "__name__", "__class__"):
+            return object.__getattribute__(self, attr)
+        spec = object.__getattribute__(self, "__spec__")
+        object.__setattr__(self, "__class__", types.ModuleType)  # before running: the code reads itself
+        spec.loader = spec.cloak_loader  # the real loader, as a plain import leaves it
+        del spec.cloak_loader
+        self.__loader__ = spec.loader
+        try:
+            spec.loader.exec_module(self)
+        except BaseException:
+            if sys.modules.get(spec.name) is self:  # as a failed plain import: not left half-run
+                del sys.modules[spec.name]
+            raise
+        return getattr(self, attr)
+
+
+class _RunOnAccessLoader(importlib.abc.Loader):
+    """Create the module as the real loader would, defer running its code to the first attribute read."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        module.__spec__.cloak_loader = self.loader
+        module.__class__ = _PendingModule
+
+
 class _LazyPackageFinder(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname, path, target=None):
-        if fullname not in LAZY_PACKAGES or os.environ.get(ENV_EAGER, "") not in ("", "0"):
+        if fullname not in LAZY_PACKAGES and fullname not in LOADED_ON_ACCESS:
             return None
+        if os.environ.get(ENV_EAGER, "") not in ("", "0"):
+            return None
+        if fullname in LOADED_ON_ACCESS:
+            spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+            if spec is None or not hasattr(spec.loader, "exec_module"):
+                return None
+            spec.loader = _RunOnAccessLoader(spec.loader)
+            return spec
         if not _diffusers_version_checked():
             return None
         spec = importlib.machinery.PathFinder.find_spec(fullname, path)
