@@ -5,6 +5,7 @@ Load-independent: the tests look at which modules are in ``sys.modules``, never 
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
@@ -203,3 +204,66 @@ def test_exported_names_reads_the_init_without_running_it(tmp_path):
                 "X = 1\n"):
         init.write_text(odd)
         assert _lazy_imports.exported_names(init, "p.q") is None, odd
+
+
+@pytest.fixture
+def fresh_stages(monkeypatch):
+    monkeypatch.setattr(_lazy_imports, "_frozen_stages", set())
+    was = gc.isenabled()
+    yield
+    gc.enable() if was else gc.disable()
+
+
+def test_library_imports_pauses_the_collector_freezes_once_per_stage_and_leaves_it_as_found(fresh_stages,
+                                                                                             monkeypatch):
+    frozen = []
+    monkeypatch.setattr(gc, "freeze", lambda: frozen.append(gc.isenabled()))
+    gc.enable()
+    with _lazy_imports.library_imports("a"):
+        assert not gc.isenabled()
+        with _lazy_imports.library_imports("a"):  # nested: resumes at the outermost only
+            pass
+        assert not gc.isenabled()
+    assert gc.isenabled() and frozen == [False]  # frozen once, while still paused
+    with _lazy_imports.library_imports("a"):  # the same stage again (the API called twice): no second freeze
+        pass
+    with pytest.raises(ValueError), _lazy_imports.library_imports("b"):
+        raise ValueError  # an import that fails: the collector is back on, nothing frozen for it
+    assert gc.isenabled() and frozen == [False]
+    gc.disable()  # a caller's own gc.disable() stands
+    with _lazy_imports.library_imports("c"):
+        pass
+    assert not gc.isenabled() and frozen == [False, False]
+
+
+def test_a_module_loaded_on_access_runs_at_its_first_read_and_before_its_submodules(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(tmp_path))
+    pkg = tmp_path / "onaccess"
+    (pkg / "stats").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "stats" / "__init__.py").write_text("import sys\nsys.modules['onaccess'].ran = True\nVALUE = 7\n")
+    (pkg / "stats" / "sub.py").write_text("from . import VALUE\nTWICE = 2 * VALUE\n")
+    (pkg / "broken.py").write_text("raise RuntimeError('broken on purpose')\n")
+    monkeypatch.setattr(_lazy_imports, "LOADED_ON_ACCESS", ("onaccess.stats", "onaccess.broken"))
+    monkeypatch.delenv(_lazy_imports.ENV_EAGER, raising=False)
+    _lazy_imports.install()
+    try:
+        import onaccess.stats
+        import onaccess.stats  # noqa: F811 - the second import reads __spec__ only: still not run
+
+        assert not hasattr(sys.modules["onaccess"], "ran")
+        assert sys.modules["onaccess.stats"].__spec__.name == "onaccess.stats"
+        assert onaccess.stats.VALUE == 7 and sys.modules["onaccess"].ran
+        assert type(onaccess.stats) is type(sys) and onaccess.stats.__loader__ is onaccess.stats.__spec__.loader
+        del sys.modules["onaccess.stats"], sys.modules["onaccess"].ran
+        from onaccess.stats.sub import TWICE  # a submodule: its package's code runs first
+
+        assert TWICE == 14 and sys.modules["onaccess"].ran
+        import onaccess.broken
+
+        with pytest.raises(RuntimeError, match="on purpose"):
+            onaccess.broken.anything  # noqa: B018
+        assert "onaccess.broken" not in sys.modules  # as a failed plain import
+    finally:
+        for key in [k for k in sys.modules if k == "onaccess" or k.startswith("onaccess.")]:
+            del sys.modules[key]
