@@ -6,9 +6,13 @@ in their ``__init__``. SD's UNet imports ``unets.unet_2d_blocks``, which imports
 ``transformers.dual_transformer_2d``, which runs ``transformers/__init__``: ~80 transformer families,
 ~40 autoencoders, every UNet and hook. For SD that is ~145 modules nobody uses (diffusers 0.42.1:
 3,886 modules instead of 4,036 for the imports of ``Models.sd``; ``tests/test_import_budget.py``).
-The heavy libraries those files pull in (peft, transformers' modeling code, scipy.stats, torch._dynamo)
-are imported anyway by the files SD does need (``loaders.lora_base``, ``CLIPTextModel``, the schedulers,
-``torch.optim``), so the saving is those files' own import time, not the libraries'.
+The heavy libraries those files pull in (peft, transformers' modeling code, torch._dynamo) are imported
+anyway by the files SD does need (``loaders.lora_base``, ``CLIPTextModel``; ``diffusers.utils`` itself
+imports torch._dynamo, and so does transformers' ``masking_utils``), so the saving is those files' own
+import time, not the libraries'. scipy.stats, which the schedulers bind with a plain ``import`` and read
+only for beta sigmas, is created but runs its code only when first read (``LOADED_ON_ACCESS``).
+:func:`library_imports` pauses the cyclic collector while the libraries are imported and freezes what they
+made.
 
 :func:`install` adds a ``sys.meta_path`` finder for exactly those four packages. It finds each package
 with the ordinary path finder (same ``__path__``, same ``__file__``) and, instead of running its
@@ -20,7 +24,8 @@ diffusers.models.unets.unet_2d_condition``, ``getattr(diffusers, "AutoencoderKL"
 It applies only where this is provably the same namespace: the ``__init__`` must consist of nothing
 but relative ``from .module import Name`` statements, optionally under ``if is_torch_available():``
 (read with ``ast``, not executed), and diffusers' version must be one this was checked on. Anything
-else, and ``CLOAK_EAGER_IMPORTS=1``, gets the plain import. A package already imported is left alone.
+else, and ``CLOAK_EAGER_IMPORTS=1`` (also for scipy.stats), gets the plain import. A package already
+imported is left alone.
 """
 
 from __future__ import annotations
