@@ -7,8 +7,8 @@ pipeline import (torch, ``UNet2DConditionModel``, ``AutoencoderKL``, the schedul
 cloak/_lazy_imports.py, scipy.stats run on first read, the collector paused and the objects frozen), the
 other the same with ``CLOAK_EAGER_IMPORTS=1`` and the collector on (the plain imports). Printed per mode:
 modules loaded and garbage collections run (load-independent), whether scipy.stats's code ran, and the
-median wall and CPU (user+sys) seconds of the imports, the interpreter's start included. Wall and CPU depend on the machine's load; run it idle, and read the ratio of alternating
-runs when it is not.
+median wall and CPU (user+sys) seconds of the imports, the interpreter's start included. Wall and CPU
+depend on the machine's load; run it idle, and read the ratio of alternating runs when it is not.
 
     python benchmarks/bench_imports.py             # 5 rounds
     python benchmarks/bench_imports.py --rounds 9 --json
