@@ -6,9 +6,13 @@ in their ``__init__``. SD's UNet imports ``unets.unet_2d_blocks``, which imports
 ``transformers.dual_transformer_2d``, which runs ``transformers/__init__``: ~80 transformer families,
 ~40 autoencoders, every UNet and hook. For SD that is ~145 modules nobody uses (diffusers 0.42.1:
 3,886 modules instead of 4,036 for the imports of ``Models.sd``; ``tests/test_import_budget.py``).
-The heavy libraries those files pull in (peft, transformers' modeling code, scipy.stats, torch._dynamo)
-are imported anyway by the files SD does need (``loaders.lora_base``, ``CLIPTextModel``, the schedulers,
-``torch.optim``), so the saving is those files' own import time, not the libraries'.
+The heavy libraries those files pull in (peft, transformers' modeling code, torch._dynamo) are imported
+anyway by the files SD does need (``loaders.lora_base``, ``CLIPTextModel``; ``diffusers.utils`` itself
+imports torch._dynamo, and so does transformers' ``masking_utils``), so the saving is those files' own
+import time, not the libraries'. scipy.stats, which the schedulers bind with a plain ``import`` and read
+only for beta sigmas, is created but runs its code only when first read (``LOADED_ON_ACCESS``).
+:func:`library_imports` pauses the cyclic collector while the libraries are imported and freezes what they
+made.
 
 :func:`install` adds a ``sys.meta_path`` finder for exactly those four packages. It finds each package
 with the ordinary path finder (same ``__path__``, same ``__file__``) and, instead of running its
@@ -20,22 +24,29 @@ diffusers.models.unets.unet_2d_condition``, ``getattr(diffusers, "AutoencoderKL"
 It applies only where this is provably the same namespace: the ``__init__`` must consist of nothing
 but relative ``from .module import Name`` statements, optionally under ``if is_torch_available():``
 (read with ``ast``, not executed), and diffusers' version must be one this was checked on. Anything
-else, and ``CLOAK_EAGER_IMPORTS=1``, gets the plain import. A package already imported is left alone.
+else, and ``CLOAK_EAGER_IMPORTS=1`` (also for scipy.stats), gets the plain import. A package already
+imported is left alone.
 """
 
 from __future__ import annotations
 
 import ast
+import gc
 import importlib
 import importlib.abc
 import importlib.machinery
 import os
 import sys
 import types
+from contextlib import contextmanager
 from pathlib import Path
 
 LAZY_PACKAGES = ("diffusers.models.transformers", "diffusers.models.autoencoders", "diffusers.models.unets",
                  "diffusers.hooks")
+# Modules that the libraries bind with a plain ``import x.y`` and read only when a feature that needs them
+# runs: their code runs on the first attribute read (_RunOnAccessLoader). diffusers' schedulers
+# ``import scipy.stats`` for ``use_beta_sigmas`` only, and scipy.stats is ~1.3 s of a run's imports.
+LOADED_ON_ACCESS = ("scipy.stats",)
 # diffusers releases whose three __init__ files have the checked shape (pyproject's floor to the newest
 # one read); a newer minor gets the plain import until it is checked and added here.
 CHECKED_DIFFUSERS = ((0, 30), (0, 42))
@@ -140,10 +151,59 @@ class _LazyPackageLoader(importlib.abc.Loader):
         module.__cloak_lazy__ = True  # so a test (and a curious user) can tell
 
 
+class _PendingModule(types.ModuleType):
+    """A module whose code has not run yet: the first attribute read runs it, then reads the attribute.
+
+    ``__spec__``, ``__name__`` and ``__class__`` are read without running it: the import system reads
+    ``__spec__`` on every later ``import x.y`` of a module already in ``sys.modules`` (Python 3.11), which
+    is why ``importlib.util.LazyLoader`` would run the code at the second ``import scipy.stats``. Any other
+    name (``__path__`` for a submodule's import, ``__dict__``, ``__file__``, every public name) runs it
+    first, so the module's own ``__init__`` still runs before any of its submodules, as in a plain import.
+    """
+
+    def __getattribute__(self, attr):
+        if attr in ("__spec__", "__name__", "__class__"):
+            return object.__getattribute__(self, attr)
+        spec = object.__getattribute__(self, "__spec__")
+        object.__setattr__(self, "__class__", types.ModuleType)  # before running: the code reads itself
+        spec.loader = spec.cloak_loader  # the real loader, as a plain import leaves it
+        del spec.cloak_loader
+        self.__loader__ = spec.loader
+        try:
+            spec.loader.exec_module(self)
+        except BaseException:
+            if sys.modules.get(spec.name) is self:  # as a failed plain import: not left half-run
+                del sys.modules[spec.name]
+            raise
+        return getattr(self, attr)
+
+
+class _RunOnAccessLoader(importlib.abc.Loader):
+    """Create the module as the real loader would, defer running its code to the first attribute read."""
+
+    def __init__(self, loader):
+        self.loader = loader
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        module.__spec__.cloak_loader = self.loader
+        module.__class__ = _PendingModule
+
+
 class _LazyPackageFinder(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname, path, target=None):
-        if fullname not in LAZY_PACKAGES or os.environ.get(ENV_EAGER, "") not in ("", "0"):
+        if fullname not in LAZY_PACKAGES and fullname not in LOADED_ON_ACCESS:
             return None
+        if os.environ.get(ENV_EAGER, "") not in ("", "0"):
+            return None
+        if fullname in LOADED_ON_ACCESS:
+            spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+            if spec is None or not hasattr(spec.loader, "exec_module"):
+                return None
+            spec.loader = _RunOnAccessLoader(spec.loader)
+            return spec
         if not _diffusers_version_checked():
             return None
         spec = importlib.machinery.PathFinder.find_spec(fullname, path)
@@ -160,3 +220,34 @@ def install() -> None:
     """Put the finder first on ``sys.meta_path`` (once)."""
     if not any(isinstance(finder, _LazyPackageFinder) for finder in sys.meta_path):
         sys.meta_path.insert(0, _LazyPackageFinder())
+
+
+
+_frozen_stages: set[str] = set()
+
+
+@contextmanager
+def library_imports(stage: str):
+    """Import the model libraries in the block with CPython's cyclic garbage collector paused; then, the
+    first time per ``stage`` in this process, move every object alive into the permanent generation
+    (``gc.freeze``, CPython's documented API for long-lived start-up objects) before switching it back on.
+
+    Importing torch, diffusers and transformers makes ~470k objects (modules, classes, functions) that
+    live as long as the process. While they are made, the collector would run ~1,250 young and ~8 full
+    collections that walk them again and again and free almost nothing, and every later full collection
+    would walk them once more: about a second of CPU or more on a 2-core machine, for nothing. Frozen
+    before the collector is back on, not even the first young collection walks them. Objects made later
+    (models, trainers, tensors) are collected as before. The cyclic garbage the imports leave (~9 MB for
+    a protect run) is frozen with them: a one-time, bounded cost. The collector is switched back on only
+    if it was on (a caller's own ``gc.disable()`` stands; nested blocks resume at the outermost).
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+        if stage not in _frozen_stages:
+            _frozen_stages.add(stage)
+            gc.freeze()
+    finally:
+        if was_enabled:
+            gc.enable()

@@ -53,11 +53,14 @@ def execute(c, call, out_dir: Path | None, *, as_json: bool, jsonl: bool, quiet:
 
     ``out_dir`` is what stdout names; ``run_dir`` (default ``out_dir``) the OUTPUT folder that holds the
     run's results and checkpoints, for the Ctrl-C message."""
+    from cloak._lazy_imports import library_imports
     from cloak.errors import CloakError
 
     global current_output
     run_dir = run_dir if run_dir is not None else out_dir
     current_output = Path(run_dir) if run_dir is not None else None
+    with library_imports("torch"):  # every verb's run imports torch first: its objects made and frozen unwalked
+        import torch  # noqa: F401
     try:
         report = call()
     except CloakError as exc:

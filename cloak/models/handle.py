@@ -27,25 +27,6 @@ from cloak.models.catalog import get_spec
 log = logging.getLogger("cloak.models")
 
 
-_startup_frozen = False
-
-
-def freeze_startup_objects() -> None:
-    """Move the objects alive now (mostly what importing torch/diffusers/transformers made: ~475k of them)
-    into the garbage collector's permanent generation, once per process.
-
-    Every full collection otherwise walks them all (~0.3–0.5 s on a 2-core CPU), for nothing: modules,
-    classes and functions live as long as the process. Objects made later (models, trainers, tensors) are
-    collected as before. Cyclic garbage that exists at the first model load stays until the process ends
-    (a one-time, bounded cost). ``gc.freeze`` is CPython's documented API for long-lived startup objects."""
-    global _startup_frozen
-    if not _startup_frozen:
-        _startup_frozen = True
-        import gc
-
-        gc.freeze()
-
-
 def quiet_libraries() -> None:
     """diffusers/transformers draw their own bars on stdout/stderr; cloak shows one bar per verb."""
     import diffusers
@@ -282,11 +263,15 @@ class Models:
                          lambda: self._load_sd(model_id, path, stand_in))
 
     def _load_sd(self, model_id: str, path: Path, stand_in: bool) -> SDModel:
-        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTokenizer
+        from cloak._lazy_imports import library_imports
 
-        quiet_libraries()
-        freeze_startup_objects()  # after the imports, before the weights: the model stays collectable
+        # Collector paused for the libraries' ~470k objects, which are then frozen; the weights load after
+        # the block, so the model stays collectable.
+        with library_imports("models"):
+            from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+            from transformers import CLIPTextModel, CLIPTokenizer
+
+            quiet_libraries()
         log.info("loading %s from %s", model_id, path)
         kw = dict(local_files_only=True)
         try:
