@@ -87,6 +87,7 @@ def memory_child(model_id: str, dtype_name: str, tier: str, resolution: int, n_i
     method._crop_size = resolution
     learner, surrogate = method.surrogate_pair(sd, clean)
     method.prepare(sd, x0)
+    method.lend_base(surrogate)
     state = {"ref": method._ref_latents, "cursors": [0, 0]}
     method.iteration(sd, learner, surrogate, x0.clone(), x0, state)
     if device.type == "cuda":
