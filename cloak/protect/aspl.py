@@ -242,17 +242,19 @@ class Aspl(ProtectMethod):
         weights back from the model folder afterwards, so the shared handle is as loaded for whatever runs
         next in the process."""
         self._lent = (sd.unet, sd.text_encoder)
-        with torch.no_grad():  # f's tensors as a copy would hold them (loaded tensors may sit at any offset
-            for p in (*sd.unet.parameters(), *sd.text_encoder.parameters()):  # of a mapped file, and kernels
-                p.data = p.data.clone()  # round differently on differently aligned memory)
         f = DreamBoothTrainer(sd, sd.unet, sd.text_encoder, cfg, class_latents=class_latents, generator=generator)
         f.freeze()
         return f
 
     def lend_base(self, surrogate: DreamBoothTrainer) -> None:
         """The loop starts: a lent f (``lent_trainer``) trains from here on. Called after ``prepare``."""
-        if self._lent is not None and surrogate.unet is self._lent[0]:
-            surrogate.unfreeze()
+        if self._lent is None or surrogate.unet is not self._lent[0]:
+            return
+        with torch.no_grad():  # f's tensors as a copy would hold them (loaded tensors may sit at any offset
+            for p in (*surrogate.unet.parameters(), *surrogate.text_encoder.parameters()):  # of a mapped file,
+                p.data = p.data.clone()  # and kernels round differently on differently aligned memory); after
+                # prepare, which reads the base as loaded
+        surrogate.unfreeze()
 
     def return_base(self, sd) -> None:
         if self._lent is None:
