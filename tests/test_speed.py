@@ -261,3 +261,45 @@ def test_base_weights_read_back_from_safetensors_without_mapping_the_file(tmp_pa
     before = [p.clone() for p in other.parameters()]
     assert not _copy_from_safetensors(other, tmp_path / "m")
     assert all(torch.equal(a, b) for a, b in zip(before, other.parameters()))  # nothing written
+
+
+def test_metacloak_releases_the_moments_and_changes_nothing(shared_cache, image_dir, monkeypatch):
+    """MetaCloak's learner drops AdamW's moments after the pool is built and after each round's DreamBooth call
+    (a fresh optimizer per call, as released), so none sit through the PGD steps; the protected set is the bytes
+    of the old path, where the zeroed moments stayed allocated between calls."""
+    from cloak._progress import Progress
+    from cloak.io.images import read_images
+    from cloak.methods import RunContext
+    from cloak.models.handle import Models
+    from cloak.protect import metacloak
+
+    images = read_images(image_dir, 64)
+    during_pgd = []
+    pgd = metacloak.MetaCloak.pgd
+
+    def spy_pgd(self, *a, **k):
+        during_pgd.append(sum(len(t.optimizer.state) for t in self._trainers))
+        return pgd(self, *a, **k)
+
+    def run():
+        ctx = RunContext(models=Models(cache_dir=shared_cache, tiny=True), model="tiny-sd",
+                         device=torch.device("cpu"), dtype=torch.float32, seed=0,
+                         generator=torch.Generator().manual_seed(0), resolution=64, cache_dir=shared_cache,
+                         progress=Progress())
+        opts = {"class_images": 0, "trials": 1, "pool_steps": 2, "snapshot_interval": 1, "advance_steps": 1,
+                "pgd_steps": 1}
+        method = metacloak.MetaCloak(metacloak.MetaCloak.Options(**opts), ctx)
+        method.name = "metacloak"
+        result = method(images)
+        assert method.dtype_record()["trained_optimizer_state"] == "float32"
+        return _digest(*result.pixels)
+
+    monkeypatch.setattr(metacloak.MetaCloak, "pgd", spy_pgd)
+    new = run()
+    assert during_pgd and not any(during_pgd)
+    monkeypatch.setattr(dreambooth.DreamBoothTrainer, "release_optimizer_state",
+                        dreambooth.DreamBoothTrainer.reset_optimizer)
+    during_pgd.clear()
+    old = run()
+    assert all(during_pgd)  # really the old path: the moments sat through PGD
+    assert old == new
