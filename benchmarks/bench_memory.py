@@ -8,6 +8,9 @@
    process: on CPU the figure is the peak resident set (ru_maxrss) — the proxy for accelerator memory —
    also shown minus the RSS after imports (libraries); on CUDA ``max_memory_allocated``.
    Class images are random pixels (generating 200 of them at 512² is not what is measured).
+   Per phase (DreamBooth of f', the PGD steps, DreamBooth of f): the phase's own peak (CPU: VmHWM reset through
+   /proc/self/clear_refs; set MALLOC_MMAP_THRESHOLD_=65536 so freed tensors leave the RSS) and the full-size
+   state alive as it starts (weights of f' and f, weight gradients, AdamW state).
 
 2. Efficacy cost of the LoRA surrogate on tiny-sd, same seeds and options (lr 1e-4, η = 0.1 as the tiny
    efficacy tests; random weights move nothing at 5e-7): full-weight ASPL, ASPL with ``-o surrogate=lora``
@@ -282,7 +285,8 @@ def main() -> int:
             print(f"{r['dtype']:<6} {r['memory']:<8} {r['surrogate']:<10} {r['peak_mib']:>10.0f} "
                   f"{r['peak_minus_libraries_mib']:>11.0f} {r['trained_mib']:>12.1f}")
         print("(CPU: peak RSS, the proxy for accelerator memory; CUDA: max_memory_allocated)")
-        print("\nper phase (peak within the phase; alive at its start: f' and f weights / weight gradients / AdamW state)")
+        print("\nper phase (peak within the phase; alive at its start: f' and f weights / weight gradients / "
+              "AdamW state)")
         for r in out["memory"]:
             for ph in r.get("phases", []):
                 a = ph["alive_at_start_mib"]

@@ -92,7 +92,8 @@ def test_aspl_memory_savings_change_nothing(shared_cache, image_dir, monkeypatch
         return zero_grad(self, set_to_none)
 
     monkeypatch.setattr(aspl.Aspl, "lends_base", lambda self, sd: False)
-    monkeypatch.setattr(dreambooth.DreamBoothTrainer, "release_optimizer_state", dreambooth.DreamBoothTrainer.reset_optimizer)
+    monkeypatch.setattr(dreambooth.DreamBoothTrainer, "release_optimizer_state",
+                        dreambooth.DreamBoothTrainer.reset_optimizer)
     monkeypatch.setattr(torch.optim.AdamW, "zero_grad", old_zero_grad)
     during_pgd.clear()
     copies["n"] = 0
