@@ -8,6 +8,9 @@
    process: on CPU the figure is the peak resident set (ru_maxrss) — the proxy for accelerator memory —
    also shown minus the RSS after imports (libraries); on CUDA ``max_memory_allocated``.
    Class images are random pixels (generating 200 of them at 512² is not what is measured).
+   Per phase (DreamBooth of f', the PGD steps, DreamBooth of f): the phase's own peak (CPU: VmHWM reset through
+   /proc/self/clear_refs; set MALLOC_MMAP_THRESHOLD_=65536 so freed tensors leave the RSS) and the full-size
+   state alive as it starts (weights of f' and f, weight gradients, AdamW state).
 
 2. Efficacy cost of the LoRA surrogate on tiny-sd, same seeds and options (lr 1e-4, η = 0.1 as the tiny
    efficacy tests; random weights move nothing at 5e-7): full-weight ASPL, ASPL with ``-o surrogate=lora``
@@ -87,11 +90,13 @@ def memory_child(model_id: str, dtype_name: str, tier: str, resolution: int, n_i
     method._crop_size = resolution
     learner, surrogate = method.surrogate_pair(sd, clean)
     method.prepare(sd, x0)
+    method.lend_base(surrogate)
     state = {"ref": method._ref_latents, "cursors": [0, 0]}
+    phases, peaks_seen = _phase_peaks(method, learner, surrogate, device, base_rss)
     method.iteration(sd, learner, surrogate, x0.clone(), x0, state)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    peak = peak_mib(device)
+    peak = max([peak_mib(device), *peaks_seen])  # the phases restart the peak reading: the highest one counts
     trainers = method.__dict__.get("_trainers", [])
     return {"model": model_id, "dtype": dtype_name, "memory": tier, "resolution": resolution, "images": n_images,
             "device": str(device), "peak_mib": round(peak, 1),
@@ -101,7 +106,81 @@ def memory_child(model_id: str, dtype_name: str, tier: str, resolution: int, n_i
             "trained_mib": round(sum(p.numel() * p.element_size() for t in {id(t): t for t in trainers}.values()
                                      for p in t.params) / 2**20, 2),
             "adapter_mib": round(adapter_megabytes(trainers), 3) if options.get("surrogate") == "lora" else None,
-            "dtypes": method.dtype_record()}
+            "dtypes": method.dtype_record(), "phases": phases}
+
+
+def _reset_peak(device) -> bool:
+    """Start a new peak reading: CUDA's allocator statistics, or the kernel's VmHWM (/proc/self/clear_refs)."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return True
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _current_and_peak_mib(device) -> tuple[float, float]:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        return torch.cuda.memory_allocated() / 2**20, torch.cuda.max_memory_allocated() / 2**20
+    found = {}
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                found[key] = int(value.split()[0]) / 1024
+    return found["VmRSS"], found["VmHWM"]
+
+
+def _phase_peaks(method, learner, surrogate, device, base_rss: float) -> tuple[list[dict], list[float]]:
+    """Wrap the iteration's three phases (DreamBooth of f', the PGD steps, DreamBooth of f) so each reports its
+    own peak and what full-size state is alive as it starts (weights of f' and f, weight gradients, AdamW's
+    moments), in MiB; on CPU both less the RSS after imports. Filled in as the iteration runs; the second list
+    gets the raw peak reading before each restart of it (the run's overall peak is the highest)."""
+    import torch
+
+    rows: list[dict] = []
+    seen: list[float] = []
+    names = iter(["dreambooth f'", "pgd", "dreambooth f"])
+    offset = base_rss if device.type == "cpu" else 0.0
+
+    def mib(tensors) -> float:
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors if t is not None}
+        return round(sum(storages.values()) / 2**20, 1)
+
+    def alive() -> dict:
+        params = learner.params + surrogate.params
+        state = [v for t in {id(learner): learner, id(surrogate): surrogate}.values()
+                 for s in t.optimizer.state.values() for v in s.values() if torch.is_tensor(v) and v.dim()]
+        return {"f'_and_f_weights": mib(params), "grads": mib(p.grad for p in params), "adamw_state": mib(state)}
+
+    def wrap(fn):
+        def phase(*a, **k):
+            row = {"phase": next(names, "other"), "alive_at_start_mib": alive()}
+            current, peak = _current_and_peak_mib(device)
+            row["start_mib"] = round(current - offset, 1)
+            seen.append(peak)
+            if not _reset_peak(device):
+                return fn(*a, **k)
+            out = fn(*a, **k)
+            peak = _current_and_peak_mib(device)[1]
+            seen.append(peak)
+            row["peak_mib"] = round(peak - offset, 1)
+            rows.append(row)
+            return out
+        return phase
+
+    method.tune = wrap(method.tune)
+    method.pgd = wrap(method.pgd)
+    return rows, seen
 
 
 def _objective(method, trainer, sd, x, n_draws: int = 24) -> float:
@@ -206,6 +285,15 @@ def main() -> int:
             print(f"{r['dtype']:<6} {r['memory']:<8} {r['surrogate']:<10} {r['peak_mib']:>10.0f} "
                   f"{r['peak_minus_libraries_mib']:>11.0f} {r['trained_mib']:>12.1f}")
         print("(CPU: peak RSS, the proxy for accelerator memory; CUDA: max_memory_allocated)")
+        print("\nper phase (peak within the phase; alive at its start: f' and f weights / weight gradients / "
+              "AdamW state)")
+        for r in out["memory"]:
+            for ph in r.get("phases", []):
+                a = ph["alive_at_start_mib"]
+                weights = a["f'_and_f_weights"]
+                print(f"{r['dtype']:<6} {r['memory']:<8} {ph['phase']:<14} peak {ph['peak_mib']:>9.0f} MiB   start "
+                      f"{ph['start_mib']:>9.0f}   weights {weights:>8.0f} grads {a['grads']:>7.0f} "
+                      f"adamw {a['adamw_state']:>8.0f}")
     if "efficacy" in out:
         print("\nefficacy of the LoRA surrogate on tiny-sd (objective gain of protected over ±ε sign noise; "
               "same seeds and options)")

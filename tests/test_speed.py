@@ -39,35 +39,49 @@ def _digest(*tensors) -> str:
 
 
 def test_aspl_memory_savings_change_nothing(shared_cache, image_dir, monkeypatch):
-    """f' and f hand one set of AdamW moments back and forth, free their weight gradients after each step,
-    and f trains the loaded model's own weights (issue 16 §1, peak memory): the protected set and f's
-    weights are the bytes the old path gives, where each trainer kept its own moments, its gradients lived
-    until its next step and f was a copy."""
+    """Peak memory of ASPL (issue 16 §1): each DreamBooth call's AdamW moments are released after its last step
+    (none sit through the PGD steps), weight gradients are freed after each step, and f trains the loaded
+    model's own weights without a copy of them ever being made. The protected set and f's weights are the bytes
+    the old path gives, where f was a copy, each trainer kept its own moments between calls (zeroed at the
+    next call) and its gradients lived until its next step."""
     from cloak.io.images import read_images
+    from cloak.models.handle import SDModel
     from cloak.protect import aspl
 
     images = read_images(image_dir, 64)
-    final = {}
-    loop = aspl.Aspl.loop
+    final, during_pgd = {}, []
+    loop, pgd = aspl.Aspl.loop, aspl.Aspl.pgd
+    copies = {"n": 0}
+    trainable_copy = SDModel.trainable_copy
 
     def keep_final(self, sd, learner, surrogate, x0):  # the trainers at the end of the loop, before clean-up
+        self._pair = (learner, surrogate)
         result = loop(self, sd, learner, surrogate, x0)
         final.update(f=_digest(*surrogate.params), learner_state=len(learner.optimizer.state),
-                     surrogate_state=len(surrogate.optimizer.state), n_params=len(surrogate.params),
+                     surrogate_state=len(surrogate.optimizer.state),
                      grads=sum(p.grad is not None for p in learner.params + surrogate.params))
         return result
 
+    def spy_pgd(self, *a, **k):  # what the two trainers hold while PGD runs
+        during_pgd.append(sum(len(t.optimizer.state) for t in self._pair))
+        return pgd(self, *a, **k)
+
+    def count_copies(sd):
+        copies["n"] += 1
+        return trainable_copy(sd)
+
     monkeypatch.setattr(aspl.Aspl, "loop", keep_final)
+    monkeypatch.setattr(aspl.Aspl, "pgd", spy_pgd)
+    monkeypatch.setattr(SDModel, "trainable_copy", count_copies)
     new = _aspl(shared_cache)(images)
-    # The memory claims: one set of moments between the two trainers, no weight gradient left over.
-    assert final["learner_state"] == 0 and final["surrogate_state"] == final["n_params"]
+    # The memory claims: no moments outside a DreamBooth call, no weight gradient left over, one copy (f').
+    assert during_pgd == [0, 0] and final["learner_state"] == 0 and final["surrogate_state"] == 0
     assert final["grads"] == 0
+    assert copies["n"] == 1
     new_weights = final["f"]
 
-    # The old path: each trainer resets (and keeps) its own state; gradients are freed only at the next step.
-    def old_reset(self, take_from=None):
-        dreambooth.reset_optimizer_state(self.optimizer)
-
+    # The old path: f is a copy; each trainer keeps its own (zeroed) moments between calls; gradients are freed
+    # only at the next step.
     zero_grad = torch.optim.Optimizer.zero_grad
     calls = {"n": 0}
 
@@ -77,33 +91,45 @@ def test_aspl_memory_savings_change_nothing(shared_cache, image_dir, monkeypatch
             return None
         return zero_grad(self, set_to_none)
 
-    monkeypatch.setattr(aspl.Aspl, "lend_base", lambda self, sd, surrogate: surrogate)  # f on its own copy
-    monkeypatch.setattr(dreambooth.DreamBoothTrainer, "reset_optimizer", old_reset)
+    monkeypatch.setattr(aspl.Aspl, "lends_base", lambda self, sd: False)
+    monkeypatch.setattr(dreambooth.DreamBoothTrainer, "release_optimizer_state",
+                        dreambooth.DreamBoothTrainer.reset_optimizer)
     monkeypatch.setattr(torch.optim.AdamW, "zero_grad", old_zero_grad)
+    during_pgd.clear()
+    copies["n"] = 0
     old = _aspl(shared_cache)(images)
-    assert final["learner_state"] and final["grads"]  # really the old path
+    assert final["learner_state"] and final["grads"] and copies["n"] == 2 and during_pgd[-1]  # really the old path
     assert _digest(*old.pixels) == _digest(*new.pixels)
     assert final["f"] == new_weights
 
 
-def test_reset_optimizer_take_from_moves_state_and_zeroes_it():
-    cfg = dreambooth.DreamBoothConfig(lr=1e-3)
-    a, b = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
-    opt_a, opt_b = dreambooth.make_adamw(a.parameters(), cfg), dreambooth.make_adamw(b.parameters(), cfg)
-    a(torch.ones(1, 3)).sum().backward()
-    opt_a.step()
-    moments = [opt_a.state[p]["exp_avg"] for p in a.parameters()]
+def test_released_optimizer_state_steps_as_a_fresh_optimizer():
+    """A trainer whose AdamW state was released steps exactly as a new AdamW would (the released per-call optimizer)."""
+    cfg = dreambooth.DreamBoothConfig(lr=1e-2)
+    torch.manual_seed(0)
+    a = torch.nn.Linear(3, 2)
+    b = torch.nn.Linear(3, 2)
+    b.load_state_dict(a.state_dict())
 
-    class T:  # the two attributes reset_optimizer reads
-        def __init__(self, module, opt):
-            self.params, self.optimizer = list(module.parameters()), opt
+    class T:  # the attribute release_optimizer_state reads
+        def __init__(self, module):
+            self.optimizer = dreambooth.make_adamw(module.parameters(), cfg)
 
-    ta, tb = T(a, opt_a), T(b, opt_b)
-    dreambooth.DreamBoothTrainer.reset_optimizer(tb, take_from=ta)
-    assert not opt_a.state
-    for p, m in zip(b.parameters(), moments):
-        assert opt_b.state[p]["exp_avg"] is m  # the same tensors, not copies
-        assert not any(v.any() for v in opt_b.state[p].values() if torch.is_tensor(v))
+    ta = T(a)
+    for _ in range(2):  # a used optimizer: moments and step counts filled
+        ta.optimizer.zero_grad()
+        a(torch.ones(1, 3)).square().sum().backward()
+        ta.optimizer.step()
+    b.load_state_dict(a.state_dict())
+    dreambooth.DreamBoothTrainer.release_optimizer_state(ta)
+    assert not ta.optimizer.state
+    fresh = dreambooth.make_adamw(b.parameters(), cfg)
+    for module, opt in ((a, ta.optimizer), (b, fresh)):
+        for _ in range(2):
+            opt.zero_grad()
+            module(torch.ones(1, 3)).square().sum().backward()
+            opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
 
 
 def test_metacloak_pgd_batch_gives_the_whole_set_step_in_chunks(tmp_path):
@@ -166,12 +192,10 @@ def test_aspl_gives_the_loaded_base_weights_back(shared_cache, image_dir):
     assert _digest(*again(images).pixels) == _digest(*first.pixels)
 
 
-def test_aspl_frees_the_unused_copy_and_the_trainers_before_the_base_is_read_back(shared_cache, image_dir,
-                                                                                    monkeypatch):
-    """Peak memory (issue 16 §1): the copy f was first made on is freed once f trains the loaded base (the dtype
-    record kept it alive through the whole loop: one full UNet + text encoder), and f', AdamW's moments and the
-    rest are freed before the base weights are read back (they sat under the reload's file mapping, which
-    became the run's peak). The dtype record still names the trainers' dtypes."""
+def test_aspl_frees_the_trainers_before_the_base_is_read_back(shared_cache, image_dir, monkeypatch):
+    """Peak memory (issue 16 §1): f trains the loaded base (no copy of it is made: test_aspl_memory_savings_change_
+    nothing), and f', its optimizer and the rest are freed before the base weights are read back (they sat under
+    the reload's file mapping, which became the run's peak). The dtype record still names the trainers' dtypes."""
     import gc
     import weakref
 
@@ -185,18 +209,11 @@ def test_aspl_frees_the_unused_copy_and_the_trainers_before_the_base_is_read_bac
 
     def spy_pair(self, sd, clean):
         learner, surrogate = pair(self, sd, clean)
-        refs["copy"] = weakref.ref(surrogate.unet)
         refs["learner"] = weakref.ref(learner.unet)
         refs["moments"] = weakref.ref(learner.optimizer)
         return learner, surrogate
 
     alive = {}
-    inner = method.iteration
-
-    def spy_iteration(*a):
-        gc.collect()
-        alive.setdefault("copy in the loop", refs["copy"]() is not None)
-        return inner(*a)
 
     back = aspl.Aspl.return_base
 
@@ -208,9 +225,8 @@ def test_aspl_frees_the_unused_copy_and_the_trainers_before_the_base_is_read_bac
 
     monkeypatch.setattr(aspl.Aspl, "surrogate_pair", spy_pair)
     monkeypatch.setattr(aspl.Aspl, "return_base", spy_return)
-    method.iteration = spy_iteration
     result = method(images)
-    assert alive == {"copy in the loop": False, "learner at reload": False, "optimizer at reload": False}
+    assert alive == {"learner at reload": False, "optimizer at reload": False}
     assert result.summary["dtypes"]["trained_weights"] == "float32"
     assert method.dtype_record()["trained_optimizer_state"] == "float32"  # kept after the trainers went
 
@@ -246,3 +262,45 @@ def test_base_weights_read_back_from_safetensors_without_mapping_the_file(tmp_pa
     before = [p.clone() for p in other.parameters()]
     assert not _copy_from_safetensors(other, tmp_path / "m")
     assert all(torch.equal(a, b) for a, b in zip(before, other.parameters()))  # nothing written
+
+
+def test_metacloak_releases_the_moments_and_changes_nothing(shared_cache, image_dir, monkeypatch):
+    """MetaCloak's learner drops AdamW's moments after the pool is built and after each round's DreamBooth call
+    (a fresh optimizer per call, as released), so none sit through the PGD steps; the protected set is the bytes
+    of the old path, where the zeroed moments stayed allocated between calls."""
+    from cloak._progress import Progress
+    from cloak.io.images import read_images
+    from cloak.methods import RunContext
+    from cloak.models.handle import Models
+    from cloak.protect import metacloak
+
+    images = read_images(image_dir, 64)
+    during_pgd = []
+    pgd = metacloak.MetaCloak.pgd
+
+    def spy_pgd(self, *a, **k):
+        during_pgd.append(sum(len(t.optimizer.state) for t in self._trainers))
+        return pgd(self, *a, **k)
+
+    def run():
+        ctx = RunContext(models=Models(cache_dir=shared_cache, tiny=True), model="tiny-sd",
+                         device=torch.device("cpu"), dtype=torch.float32, seed=0,
+                         generator=torch.Generator().manual_seed(0), resolution=64, cache_dir=shared_cache,
+                         progress=Progress())
+        opts = {"class_images": 0, "trials": 1, "pool_steps": 2, "snapshot_interval": 1, "advance_steps": 1,
+                "pgd_steps": 1}
+        method = metacloak.MetaCloak(metacloak.MetaCloak.Options(**opts), ctx)
+        method.name = "metacloak"
+        result = method(images)
+        assert method.dtype_record()["trained_optimizer_state"] == "float32"
+        return _digest(*result.pixels)
+
+    monkeypatch.setattr(metacloak.MetaCloak, "pgd", spy_pgd)
+    new = run()
+    assert during_pgd and not any(during_pgd)
+    monkeypatch.setattr(dreambooth.DreamBoothTrainer, "release_optimizer_state",
+                        dreambooth.DreamBoothTrainer.reset_optimizer)
+    during_pgd.clear()
+    old = run()
+    assert all(during_pgd)  # really the old path: the moments sat through PGD
+    assert old == new

@@ -139,19 +139,16 @@ class DreamBoothTrainer:
         """Latents of (possibly changing) instance images: a fresh posterior sample each call."""
         return encode_latents(self.sd.vae, pixels, self.generator)
 
-    def reset_optimizer(self, take_from: DreamBoothTrainer | None = None) -> None:
-        """A fresh AdamW state (moments and step counts zeroed in place).
-
-        ``take_from``: a trainer of the same architecture that is used strictly in turn with this one (ASPL's
-        f' and f): its state tensors move here first, so the two trainers own one set of moments between
-        them instead of two (two full weight copies less); both reset before every use, so nothing changes.
-        """
-        if take_from is not None and take_from is not self:
-            for mine, theirs in zip(self.params, take_from.params):
-                state = take_from.optimizer.state.pop(theirs, None)
-                if state is not None and mine.shape == theirs.shape and mine not in self.optimizer.state:
-                    self.optimizer.state[mine] = state
+    def reset_optimizer(self) -> None:
+        """A fresh AdamW state (moments and step counts zeroed in place)."""
         reset_optimizer_state(self.optimizer)
+
+    def release_optimizer_state(self) -> None:
+        """Drop AdamW's moments and step counts; the next step allocates them afresh (zeros, step 0: what a
+        reset gives, and what a new optimizer per call gives in the released loops). For callers whose
+        optimizer starts over at every call (ASPL's f' and f): between calls the moments would hold two
+        weight-sized buffers through the PGD steps for nothing."""
+        self.optimizer.state.clear()
 
     def copy_from(self, other: DreamBoothTrainer) -> None:
         """These weights ← ``other``'s, in place (ASPL's f' ← copy(f)); adapter trainers copy their adapters."""

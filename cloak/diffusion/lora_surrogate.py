@@ -1,8 +1,9 @@
 """A LoRA surrogate for the fine-tuning family: rank-r adapters on the run's own base model instead of
 full-weight DreamBooth copies (``-o surrogate=lora``, on by ``--memory low``).
 
-Full-weight ASPL keeps two trainable copies of the UNet and text encoder plus two AdamW states (with fp32
-master weights: ~8 UNet-sized buffers). Here every trainer owns one named adapter set injected in place
+Full-weight ASPL holds f (the loaded UNet and text encoder, trained in place) and its copy f', plus, during
+a DreamBooth call, the trained model's gradients and AdamW moments: five UNet + text-encoder-sized fp32
+buffers at the peak. Here every trainer owns one named adapter set injected in place
 into the base UNet (and text encoder when it trains) — the attention projections ``to_q/to_k/to_v/to_out.0``
 (+ ``add_k_proj/add_v_proj``), as Anti-DreamBooth's ``attacks/aspl_lora.py`` and its LoRA DreamBooth do —
 so a surrogate costs megabytes. The base weights stay frozen and shared; only the active adapter set acts

@@ -180,9 +180,9 @@ class Aspl(ProtectMethod):
         sd = ctx.models.sd(ids[0] if ids else ctx.model)
         self.prepare_target(sd, x0)
         learner, surrogate = self.surrogate_pair(sd, clean)
-        self.prepare(sd, x0)
-        surrogate = self.lend_base(sd, surrogate)
         try:
+            self.prepare(sd, x0)
+            self.lend_base(surrogate)
             return self.loop(sd, learner, surrogate, x0)
         finally:
             # The run is over: f' and AdamW's moments go before the base weights are read back, so that
@@ -225,29 +225,36 @@ class Aspl(ProtectMethod):
 
     _lent: tuple | None = None
 
-    def lend_base(self, sd, surrogate: DreamBoothTrainer) -> DreamBoothTrainer:
-        """f trains the loaded model's own weights during the loop instead of a copy of them: one full copy
-        of the UNet and text encoder less at the peak (issue 16 §1; the released aspl.py trains the loaded
-        modules in place too). Called after ``prepare`` (SimAC reads the base model there); f starts from
-        the same weights, so nothing else changes. ``return_base`` reads the base weights back from the
-        model folder afterwards, so the shared handle is as loaded for whatever runs next in the process."""
-        if self.ctx.compat or not _same_shapes(surrogate.unet, sd.unet) or \
-                not _same_shapes(surrogate.text_encoder, sd.text_encoder):
-            return surrogate  # --compat casts f to bf16 in place: keep it off the shared modules
-        if surrogate.unet is sd.unet:
-            return surrogate  # a LoRA surrogate already trains adapters on the shared modules
-        if next(surrogate.unet.parameters()).dtype != next(sd.unet.parameters()).dtype:
-            return surrogate  # fp32 master weights over a bf16 base (--dtype bf16): f must stay a copy
-        with torch.no_grad():  # f's tensors as a copy would hold them (loaded tensors may sit at any offset
-            for p in (*sd.unet.parameters(), *sd.text_encoder.parameters()):  # of a mapped file, and kernels
-                p.data = p.data.clone()  # round differently on differently aligned memory)
-        lent = DreamBoothTrainer(sd, sd.unet, sd.text_encoder, surrogate.cfg, class_latents=surrogate.class_latents,
-                                 generator=surrogate.generator)
+    def lends_base(self, sd) -> bool:
+        """Whether f trains the loaded model's own weights during the loop instead of a copy of them: one full
+        copy of the UNet and text encoder less (issue 16 §1; the released aspl.py trains the loaded modules in
+        place too). Only where the copy would equal the base: full weights (a LoRA surrogate already trains
+        adapters on the shared modules), not --compat (it casts f to bf16 in place), and a base loaded in the
+        master dtype (fp32 masters over a bf16 base stay a copy)."""
+        if self.ctx.compat or getattr(self.opts, "surrogate", "full") != "full":
+            return False
+        return all(p.dtype == torch.float32 for m in (sd.unet, sd.text_encoder) for p in m.parameters())
+
+    def lent_trainer(self, sd, cfg: DreamBoothConfig, class_latents, generator) -> DreamBoothTrainer:
+        """f on the loaded model's own modules (``lends_base``), made instead of a copy, so no copy is ever made.
+        It is frozen until ``lend_base``: ``prepare`` (SimAC's timestep selection) sees the base as loaded. f
+        starts from the same weights as a copy would, so nothing else changes. ``return_base`` reads the base
+        weights back from the model folder afterwards, so the shared handle is as loaded for whatever runs
+        next in the process."""
         self._lent = (sd.unet, sd.text_encoder)
-        # The copy f was made on goes now: the dtype record follows the trainer that really runs, and keeping
-        # the copy there would hold a full UNet + text encoder for nothing through the whole loop.
-        self._trainers = [lent if t is surrogate else t for t in self.__dict__.get("_trainers", [])]
-        return lent
+        f = DreamBoothTrainer(sd, sd.unet, sd.text_encoder, cfg, class_latents=class_latents, generator=generator)
+        f.freeze()
+        return f
+
+    def lend_base(self, surrogate: DreamBoothTrainer) -> None:
+        """The loop starts: a lent f (``lent_trainer``) trains from here on. Called after ``prepare``."""
+        if self._lent is None or surrogate.unet is not self._lent[0]:
+            return
+        with torch.no_grad():  # f's tensors as a copy would hold them (loaded tensors may sit at any offset
+            for p in (*surrogate.unet.parameters(), *surrogate.text_encoder.parameters()):  # of a mapped file,
+                p.data = p.data.clone()  # and kernels round differently on differently aligned memory); after
+                # prepare, which reads the base as loaded
+        surrogate.unfreeze()
 
     def return_base(self, sd) -> None:
         if self._lent is None:
@@ -304,18 +311,26 @@ class Aspl(ProtectMethod):
         o, ctx = self.opts, self.ctx
         n_f, n_pgd = ctx.iters(o.surrogate_steps), ctx.iters(o.pgd_steps)
         ref_latents, cursors = state["ref"], state["cursors"]
-        # f' ← DB(copy(f), A_clean, n): weights copied into a preallocated twin, optimizer state zeroed.
+        # f' ← DB(copy(f), A_clean, n): weights copied into a preallocated twin. Each DreamBooth call starts
+        # a fresh AdamW, as the released loop's new optimizer per call: the moments are allocated at the call's
+        # first step and released after its last, so they never sit through the PGD steps, and f' and f never
+        # hold two sets at once.
         learner.copy_from(surrogate)
-        learner.reset_optimizer(take_from=surrogate)  # f' and f take turns with one set of AdamW moments
         learner.unfreeze()
         cursors[0] = self.tune(learner, ref_latents.sample, len(ref_latents), n_f, cursors[0])
+        self.end_call(learner)
         learner.freeze()
         x, loss = self.pgd(sd, learner.unet, learner.text_encoder, x, x0, n_pgd, o.eps_m11, o.alpha_m11)
         # f ← DB(f, x, n): the surrogate follows the poisoned learner (on square crops of the working copies).
-        surrogate.reset_optimizer(take_from=learner)
         poison = _PixelLatents(surrogate, x.detach(), self._crop_size)
         cursors[1] = self.tune(surrogate, poison.sample, len(x), n_f, cursors[1])
+        self.end_call(surrogate)
         return x, loss
+
+    def end_call(self, trainer: DreamBoothTrainer) -> None:
+        """A DreamBooth call is over: its AdamW state goes (noted in the dtype record first)."""
+        self.dtypes.note_trainer(trainer)
+        trainer.release_optimizer_state()
 
     def summary(self, history: list[float]) -> dict[str, Any]:
         out: dict[str, Any] = {"final_pgd_loss": history[-1] if history else None,
@@ -397,8 +412,11 @@ class Aspl(ProtectMethod):
         if getattr(self.opts, "surrogate", "full") == "lora":
             pair = self.lora_pair(sd, cfg, class_latents)
         else:
-            pair = []
-            for _ in range(2):
+            unet, te = sd.trainable_copy()
+            pair = [DreamBoothTrainer(sd, unet, te, cfg, class_latents=class_latents, generator=gen)]
+            if self.lends_base(sd):
+                pair.append(self.lent_trainer(sd, cfg, class_latents, gen))
+            else:
                 unet, te = sd.trainable_copy()
                 pair.append(DreamBoothTrainer(sd, unet, te, cfg, class_latents=class_latents, generator=gen))
         self.track(sd, *pair)
@@ -699,11 +717,6 @@ def _copy_from_safetensors(module: torch.nn.Module, folder) -> bool:
             target.copy_(torch.frombuffer(raw, dtype=stored).reshape(target.shape) if raw else
                          torch.empty(target.shape, dtype=stored))
     return True
-
-
-def _same_shapes(a: torch.nn.Module, b: torch.nn.Module) -> bool:
-    pa, pb = list(a.parameters()), list(b.parameters())
-    return len(pa) == len(pb) and all(x.shape == y.shape and x.dtype == y.dtype for x, y in zip(pa, pb))
 
 
 def _arch_key(sd) -> str:

@@ -115,9 +115,9 @@ class MetaCloak(Aspl):
                 x, loss = self.pgd(sd, learner.unet, learner.text_encoder, x, x0, n_pgd, o.eps_m11, o.alpha_m11)
                 # f ← DB(f, x, n): a new optimizer per call in the released code, i.e. reset state.
                 learner.unfreeze()
-                learner.reset_optimizer()
                 self.tune_shuffled(learner, _PixelLatents(learner, x.detach(), self._crop_size).sample, len(x),
                                    n_adv)
+                self.end_call(learner)  # the moments go: the next call starts afresh, none sit through PGD
                 history.append(loss)
                 checkpoint.save(g + 1, total, ctx.generator,
                                 {"x": x.parts, "learner": weights_of(learner.params)},
@@ -164,6 +164,7 @@ class MetaCloak(Aspl):
                 cls = [s % self._n_class] if self._n_class else None
                 loss = learner.step(instances.sample([i], ctx.generator), cls)
                 bar.advance(1, status=f"loss {loss:.4f}")
+        self.end_call(learner)  # the pool is built: its AdamW moments are not needed by the rounds
         return pool, marks
 
     def tune_shuffled(self, trainer: DreamBoothTrainer, sample, n_images: int, steps: int) -> None:
