@@ -16,6 +16,8 @@
 #
 #   bash benchmarks/gpu_check.sh            # ≈ 2–4 min on one H100/H200-class GPU, ≤ 5 min budgeted
 #   MODES="bf16 low" bash benchmarks/gpu_check.sh
+#   GPU_CHECK_PROFILE=/some/dir bash benchmarks/gpu_check.sh   # + torch.profiler tables of the 2nd iteration
+#                                                             # per mode there (a 3rd iteration is timed)
 #
 # Needs: the venv's python (PYTHON=...), a CUDA device. The model folder is built once into the cache.
 set -euo pipefail
@@ -32,6 +34,7 @@ trap 'rm -rf "$WORK"' EXIT
 cat > "$WORK/driver.py" <<'EOF'
 """One mode of the GPU check: runs the CLI in this process, times each ASPL outer iteration, prints one JSON row."""
 import json
+import os
 import sys
 import time
 
@@ -74,14 +77,27 @@ def main(mode, images, classes, out):
     times, flops = [], []
     inner = Aspl.iteration
 
+    profile_dir = os.environ.get("GPU_CHECK_PROFILE")
+
     def timed(self, *a, **kw):
         counter = flop_counter() if not times else None
+        profiling = profile_dir and len(times) == 1  # the second iteration; the third is the timed one then
         torch.cuda.synchronize()
         start = time.perf_counter()
         if counter is not None:
             with counter:
                 result = inner(self, *a, **kw)
             flops.append(counter.total)
+        elif profiling:
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                result = inner(self, *a, **kw)
+                torch.cuda.synchronize()
+            table = prof.key_averages()
+            with open(os.path.join(profile_dir, f"profile-{mode}.txt"), "w") as fh:
+                for key in ("self_cuda_time_total", "self_cpu_time_total"):
+                    fh.write(f"--- top 30 by {key}\n{table.table(sort_by=key, row_limit=30)}\n")
         else:
             result = inner(self, *a, **kw)
         torch.cuda.synchronize()
@@ -91,7 +107,8 @@ def main(mode, images, classes, out):
     Aspl.iteration = timed
     torch.cuda.reset_peak_memory_stats()
     args = ["protect", "--method", "aspl", "--model", "sd21-shaped", "--device", "cuda", "--fit", "crop",
-            "--class-dir", classes, "-o", "iterations=2", "-o", "class_images=4", "-o", "surrogate_steps=3",
+            "--class-dir", classes, "-o", f"iterations={3 if profile_dir else 2}", "-o", "class_images=4",
+            "-o", "surrogate_steps=3",
             "-o", "pgd_steps=6", "-q", images, out]
     if mode in ("low", "low-bf16w"):
         args[1:1] = ["--memory", "low"]
