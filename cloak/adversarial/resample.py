@@ -87,7 +87,7 @@ def _bilinear_taps(grid: torch.Tensor, h: int, w: int) -> tuple[torch.Tensor, to
     return torch.stack(index, 1), torch.stack(weight, 1)  # (Ho·Wo)×4 each
 
 
-def _gather_adjoint(index: torch.Tensor, weight: torch.Tensor, n_in: int):
+def _gather_adjoint(index: torch.Tensor, weight: torch.Tensor):
     """The transpose of y[p] = Σ_k weight[p,k]·x[index[p,k]] as a gather: for each input pixel that some output
     reads, its (output, weight) pairs in a fixed order, padded to the largest count with a zero weight."""
     keep = weight.reshape(-1) != 0
@@ -118,7 +118,7 @@ def grid_sample(img: torch.Tensor, grid: torch.Tensor, deterministic: bool | Non
     if not _use_adjoint(img, deterministic):
         return forward(img)
     (c, h, w), (oh, ow) = img.shape[-3:], grid.shape[1:3]
-    pixels, reads, scale = _gather_adjoint(*_bilinear_taps(grid[0], h, w), h * w)
+    pixels, reads, scale = _gather_adjoint(*_bilinear_taps(grid[0], h, w))
     pixels, reads, scale = pixels.to(img.device), reads.to(img.device), scale.to(img.device, img.dtype)
 
     def adjoint(grad):
