@@ -202,6 +202,44 @@ def test_class_images_are_reused_extended_and_recorded(tmp_path, tiny_sd, monkey
     assert calls[-1] == [2] and torch.equal(more[:2], first)
 
 
+def test_class_image_bar_moves_per_sampling_step_with_the_same_images(tmp_path, tiny_sd):
+    """The bar counts image-steps, so its ETA moves within a batch (a batch of class images takes minutes on a
+    real model); the images are those generated without a bar."""
+    import torch
+
+    from cloak._progress import Progress, Task
+    from cloak.diffusion.class_images import class_image_plan, class_images
+
+    class Recorder(Progress):
+        def __init__(self):
+            self.tasks = []
+
+        def task(self, description, total):
+            task = Task()
+            task.description, task.total, task.steps, task.statuses = description, total, [], []
+
+            def advance(n=1, status=None):
+                task.steps.append(n)
+                task.statuses.append(status)
+
+            task.advance = advance
+            self.tasks.append(task)
+            return task
+
+    ctx = _ctx(tmp_path / "a", effort=0.02)
+    ctx.progress = Recorder()
+    plan = class_image_plan(ctx, 3, 4)
+    with_bar = class_images(tiny_sd, "a photo of person", 3, ctx.cache_dir, steps=4, ctx=ctx, batch_size=2)
+    (task,) = ctx.progress.tasks
+    assert task.description == "class images" and task.total == 3 * plan.steps
+    assert sum(task.steps) == task.total and len([n for n in task.steps if n]) == 2 * plan.steps  # 2 batches
+    assert task.statuses[-1] == "3/3 images"
+    plain = _ctx(tmp_path / "b", effort=0.02)
+    without = class_images(tiny_sd, "a photo of person", 3, plain.cache_dir, steps=4, progress=lambda *a: None,
+                           ctx=plain, batch_size=2)
+    assert torch.equal(with_bar, without)
+
+
 def test_class_dir_replaces_generation(tmp_path, tiny_sd, monkeypatch):
     from cloak.diffusion import class_images as module
 

@@ -137,7 +137,10 @@ def _cached(sd, prompt, plan: ClassImagePlan, cache_dir: Path, guidance, resolut
         log.info("generating %d class images for %r with %s (%s, %d steps) into %s", len(missing), prompt, sd.id,
                  plan.sampler, plan.steps, folder)
         pipe = build_pipeline(sd, sampler=plan.sampler)
-        bar = ctx.progress.task("class images", len(missing)) if ctx is not None and progress is None else None
+        # The bar counts image-steps (images × sampling steps), so its ETA moves within a batch: on a real model
+        # one batch of class images can take minutes. Its status says how many images are written.
+        bar = ctx.progress.task("class images", len(missing) * plan.steps) \
+            if ctx is not None and progress is None else None
         done = 0
         try:
             def save(i: int, arr) -> None:
@@ -145,12 +148,16 @@ def _cached(sd, prompt, plan: ClassImagePlan, cache_dir: Path, guidance, resolut
                 write_png(folder / f"{missing[i]}.png", arr, force=True)  # atomic: a concurrent writer is harmless
                 done += 1
                 if bar is not None:
-                    bar.advance(1)
+                    bar.advance(0, status=f"{done}/{len(missing)} images")
                 if progress:
                     progress(done, len(missing))
 
+            def stepped(n: int) -> None:
+                bar.advance(n, status=f"{done}/{len(missing)} images")
+
             generate(pipe, prompt, missing, steps=plan.steps, guidance=guidance, resolution=resolution,
-                     on_image=save, batch_size=batch_size, all_seeds=list(range(plan.count)))
+                     on_image=save, on_step=stepped if bar is not None else None, batch_size=batch_size,
+                     all_seeds=list(range(plan.count)))
         finally:
             if bar is not None:
                 bar.close()

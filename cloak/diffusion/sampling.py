@@ -65,6 +65,7 @@ def generate(
     batch_size: int = 4,
     all_seeds: list[int] | None = None,
     on_image: Callable[[int, np.ndarray], None] | None = None,
+    on_step: Callable[[int], None] | None = None,
     **pipe_kwargs,
 ) -> list[np.ndarray]:
     """One uint8 H×W×3 image per seed (seed i → ``torch.Generator().manual_seed(i)``), batched.
@@ -76,6 +77,8 @@ def generate(
     runs when any of its seeds is asked for; only the seeds asked for are returned and reported to
     ``on_image(i, image)`` (i: index into ``seeds``). ``pipe_kwargs`` go to every pipeline call
     unchanged (e.g. ``ip_adapter_image_embeds``: one embedding per adapter, repeated over the batch).
+    ``on_step(n)`` is called after each denoising step of a batch, ``n`` = the images asked for in it (so a
+    progress bar in image-steps moves, with its ETA, many times per batch rather than once).
     """
     wanted = {int(s): i for i, s in enumerate(seeds)}
     order = [int(s) for s in (all_seeds if all_seeds is not None else seeds)]
@@ -92,10 +95,19 @@ def generate(
         # Initial latents drawn on CPU per seed: the same image on every device for a given seed.
         shape = (pipe.unet.config.in_channels, resolution // pipe.vae_scale_factor, resolution // pipe.vae_scale_factor)
         latents = torch.stack([torch.randn(shape, generator=g) for g in gens]).to(device, pipe.unet.dtype)
+        step_kwargs = {}
+        if on_step is not None:
+            asked = sum(s in wanted for s in chunk)
+
+            def step_end(_pipe, _index, _timestep, tensors, asked=asked):
+                on_step(asked)
+                return tensors
+
+            step_kwargs["callback_on_step_end"] = step_end
         out = pipe(
             [prompt] * len(chunk), negative_prompt=[negative_prompt] * len(chunk) if negative_prompt else None,
             num_inference_steps=steps, guidance_scale=guidance, height=resolution, width=resolution,
-            generator=gens, latents=latents, output_type="np", **pipe_kwargs,
+            generator=gens, latents=latents, output_type="np", **step_kwargs, **pipe_kwargs,
         ).images
         for s, img in zip(chunk, out):
             if s not in wanted:
