@@ -222,7 +222,6 @@ def install() -> None:
         sys.meta_path.insert(0, _LazyPackageFinder())
 
 
-
 _frozen_stages: set[str] = set()
 
 
