@@ -276,6 +276,39 @@ def test_builtin_build_removes_staging_of_killed_builds(tmp_path, monkeypatch):
     assert sorted(p.name for p in models.iterdir()) == sorted([".tiny-sd.lock", "tiny-sd", live.name, other.name])
 
 
+def test_builtin_of_an_older_build_version_is_rebuilt(tmp_path, monkeypatch, caplog):
+    """A cache built by an older builder (mid-sd before its heads were fixed) is rebuilt, not reused; a
+    process that still has the old folder open keeps reading its files."""
+    from cloak.models import cache
+
+    calls: list[int] = []
+    monkeypatch.setattr(cache, "_builder", lambda model_id: _slow_builder(calls))
+    target = cache.ensure_builtin(tmp_path, "tiny-sd")
+    reader = open(target / "weights.bin", "rb")  # noqa: SIM115 - held across the rebuild on purpose
+    assert cache.ensure_builtin(tmp_path, "tiny-sd") == target and len(calls) == 1  # current: reused
+    monkeypatch.setitem(cache.BUILD_VERSIONS, "tiny-sd", 2)
+    with caplog.at_level("WARNING", logger="cloak.models"):
+        assert cache.ensure_builtin(tmp_path, "tiny-sd") == target
+    assert len(calls) == 2 and "older version" in caplog.text
+    assert (target / cache.COMPLETE).read_text() == "built-in v2\n"
+    assert reader.read() == b"w" * 1000
+    reader.close()
+    assert sorted(p.name for p in target.parent.iterdir()) == [".tiny-sd.lock", "tiny-sd"]
+    assert cache.ensure_builtin(tmp_path, "tiny-sd") == target and len(calls) == 2
+
+
+def test_benchmark_models_have_sd_wide_attention_heads():
+    """mid-sd and sd21-shaped have SD 2.1's 64 channels per attention head (mid-sd once had 32 heads of
+    2 channels, and CPU attention at that width dominated every benchmark on it)."""
+    from diffusers.models.attention_processor import Attention
+
+    from cloak.models.adapters import _unet_for_shape
+
+    for name in ("mid-sd", "sd21-shaped"):
+        widths = {m.inner_dim // m.heads for m in _unet_for_shape(name).modules() if isinstance(m, Attention)}
+        assert widths == {64}, (name, widths)
+
+
 def test_publish_dir_uses_a_complete_winner(tmp_path):
     winner = tmp_path / "target"
     winner.mkdir()

@@ -175,7 +175,7 @@ def _unet_for_shape(shape_name: str):
             block_out_channels=shape.unet_channels,
             down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
             up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
-            cross_attention_dim=shape.cross_dim, attention_head_dim=shape.head_dim,
+            cross_attention_dim=shape.cross_dim, attention_head_dim=shape.heads,
             use_linear_projection=shape.linear_projection, norm_num_groups=32,
         )
 

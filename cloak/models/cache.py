@@ -40,6 +40,23 @@ def is_complete(path: Path) -> bool:
     return (path / COMPLETE).is_file()
 
 
+# A built-in whose builder changed what it writes gets a new version here, so caches built before the
+# change are rebuilt rather than measured as if they were the new model. Unlisted ids are version 1.
+BUILD_VERSIONS = {"mid-sd": 2}  # 2: SD's 64 channels per attention head (cloak/models/tiny.py)
+
+
+def _built_marker(model_id: str) -> str:
+    version = BUILD_VERSIONS.get(model_id, 1)
+    return "built-in\n" if version == 1 else f"built-in v{version}\n"
+
+
+def _is_current_build(path: Path, model_id: str) -> bool:
+    try:
+        return (path / COMPLETE).read_text() == _built_marker(model_id)
+    except OSError:
+        return False
+
+
 def _lock_path(cache: Path) -> Path:
     return Path(cache) / "lock.json"
 
@@ -109,24 +126,27 @@ def ensure_builtin(cache: Path, model_id: str) -> Path:
     from cloak.io.output import file_lock
 
     target = model_dir(cache, model_id)
-    if is_complete(target):
+    if _is_current_build(target, model_id):
         return target
     build = _builder(model_id)
     started = time.time()
     target.parent.mkdir(parents=True, exist_ok=True)
     with file_lock(target.parent / f".{model_id}.lock"):
-        if is_complete(target):  # built by another process while this one waited
+        if _is_current_build(target, model_id):  # built by another process while this one waited
             return target
         _remove_stale_staging(target.parent, model_id, started)
+        if is_complete(target):
+            log.warning("rebuilding built-in model %s: the cached copy is an older version", model_id)
         log.info("building built-in model %s into %s", model_id, target)
         staging = staging_dir(target.parent, model_id)
         try:
             inner = staging / "m"
             build(inner)
-            (inner / COMPLETE).write_text("built-in\n")
+            (inner / COMPLETE).write_text(_built_marker(model_id))
             apply_umask(inner)
-            if target.exists() and not is_complete(target):  # an interrupted build of an older version
-                shutil.rmtree(target)
+            if target.exists():  # an interrupted build, or an older version: moved aside (a reader keeps its
+                old = staging / "old"  # open files) and removed with the staging folder
+                os.rename(target, old)
             publish_dir(inner, target, is_complete)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
@@ -465,7 +485,8 @@ def verify(cache: Path, model_id: str) -> list[str]:
     if not is_complete(path):
         return [f"not in the cache ({path})"]
     if spec.builtin:
-        return []
+        return [] if _is_current_build(path, model_id) else ["an older build of this built-in model; its next "
+                                                               "use rebuilds it"]
     recorded = read_lock(cache).get(model_id, {}).get("files", {})
     pins = {f.path: f for f in spec.files if f.sha256 or f.sha256_prefix}
     problems = []

@@ -42,7 +42,9 @@ class Shape:
     name: str
     unet_channels: tuple[int, ...]
     layers_per_block: int
-    head_dim: int | tuple[int, ...]
+    # Attention heads per UNet block: diffusers' ``attention_head_dim`` argument, which its UNet reads as the
+    # head count (SD 2.1-base's config says [5, 10, 20, 20]: 64 channels per head).
+    heads: int | tuple[int, ...]
     cross_dim: int
     vae_channels: tuple[int, ...]
     te_hidden: int
@@ -55,7 +57,10 @@ class Shape:
 
 SHAPES = {
     "tiny-sd": Shape("tiny-sd", (32, 32, 64, 64), 1, 8, 32, (32, 32, 32, 32), 32, 2, 4, 64),
-    "mid-sd": Shape("mid-sd", (64, 128, 256, 256), 2, 32, 256, (32, 64, 64, 64), 256, 4, 4, 128),
+    # 64 channels per head, as SD 2.1. Before build version 2 it had 32 heads of 2–8 channels: CPU attention
+    # then took a third of an ASPL iteration, about 17× its cost at SD's head width, and benchmarks on it
+    # measured that artefact (cloak/models/cache.py BUILD_VERSIONS rebuilds older caches).
+    "mid-sd": Shape("mid-sd", (64, 128, 256, 256), 2, (1, 2, 4, 4), 256, (32, 64, 64, 64), 256, 4, 4, 128),
     # Exact SD 2.1-base tensor shapes (stabilityai/stable-diffusion-2-1-base configs).
     "sd21-shaped": Shape(
         "sd21-shaped", (320, 640, 1280, 1280), 2, (5, 10, 20, 20), 1024, (128, 256, 512, 512), 1024, 23, 16, 512,
@@ -103,7 +108,7 @@ def build_pipeline_dir(shape_name: str, target: Path, *, prediction_type: str = 
         down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
         cross_attention_dim=shape.cross_dim,
-        attention_head_dim=shape.head_dim,
+        attention_head_dim=shape.heads,
         use_linear_projection=shape.linear_projection,
         norm_num_groups=32,
     )
