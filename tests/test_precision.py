@@ -121,3 +121,82 @@ def test_compat_report_says_bf16_weights(tmp_path, image_dir, cli):
     assert summary["dtypes"]["trained_weights"] == "bfloat16"
     assert summary["surrogate_weights"].startswith("bf16 weights trained directly")
     assert summary["dtypes"]["frozen_weights"] == "float32"
+
+
+def _conv_output_dtypes(module: torch.nn.Module) -> tuple[list[torch.dtype], list]:
+    seen: list[torch.dtype] = []
+    hooks = [m.register_forward_hook(lambda _m, _args, out: seen.append(out.dtype))
+             for m in module.modules() if isinstance(m, torch.nn.Conv2d)]
+    return seen, hooks
+
+
+def test_vae_encode_in_a_loss_runs_under_the_unets_autocast(tmp_path):
+    """CUDA's default run keeps fp32 weights and computes in bf16; the VAE encoder inside a PGD loss (most of
+    a PGD step's FLOPs at 512²) is part of that compute. Simulated on the CPU by asking for bf16 compute with
+    fp32 VAE weights: the encoder's convolutions see bf16, the latents and ∇ₓ come back fp32 and point the
+    same way as fp32's. Without autocast (fp32 on the CPU) or with bf16 weights it is encode_latents, to the byte."""
+    from cloak.diffusion import encode_latents, encode_latents_in_loss
+    from cloak.models.handle import Models
+
+    vae = Models(cache_dir=tmp_path, tiny=True).sd("tiny-sd").vae
+    assert vae.dtype == torch.float32
+    gen = torch.Generator().manual_seed(0)
+    pixels = torch.rand(2, 3, 64, 64, generator=gen) * 2 - 1
+    noise = torch.randn(2, 4, 8, 8, generator=gen)
+
+    def latents_and_grad(fn, *args):
+        x = pixels.clone().requires_grad_(True)
+        z = fn(vae, x, *args, posterior_noise=noise)
+        (grad,) = torch.autograd.grad(z.square().sum(), x)
+        return z.detach(), grad
+
+    z_ref, g_ref = latents_and_grad(encode_latents)
+    for run_dtype in (None, torch.float32):  # CPU fp32: no autocast, the same bytes
+        z, g = latents_and_grad(encode_latents_in_loss, run_dtype)
+        assert torch.equal(z, z_ref) and torch.equal(g, g_ref)
+
+    seen, hooks = _conv_output_dtypes(vae.encoder)
+    try:
+        z, g = latents_and_grad(encode_latents_in_loss, torch.bfloat16)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert seen and set(seen) == {torch.bfloat16}
+    assert z.dtype == torch.float32 and g.dtype == torch.float32
+    assert not torch.equal(g, g_ref)  # it really ran in bf16
+    cosine = torch.nn.functional.cosine_similarity(g.flatten(), g_ref.flatten(), dim=0)
+    assert cosine > 0.99, float(cosine)
+
+    vae16 = Models(cache_dir=tmp_path, tiny=True, dtype=torch.bfloat16).sd("tiny-sd").vae
+    x = pixels.clone()
+    assert torch.equal(encode_latents_in_loss(vae16, x, torch.bfloat16, posterior_noise=noise),
+                       encode_latents(vae16, x, posterior_noise=noise))
+
+
+@pytest.mark.parametrize("name", ["aspl", "dladiff", "simac"])
+def test_pgd_losses_encode_under_the_run_autocast(tmp_path, name, monkeypatch):
+    """ASPL's family, DLADiff and SimAC hand their VAE encode to encode_latents_in_loss with the run's dtype:
+    with bf16 compute over fp32 weights (CUDA's default, simulated on the CPU) the encoder runs in bf16."""
+    from cloak.adversarial.groups import Groups
+    from _groups_helper import image_set, make_method
+
+    method = make_method(name, tmp_path)
+    method.ctx.dtype = torch.bfloat16  # the weights stay fp32, as CUDA's default run loads them
+    sd = method.ctx.models.sd("tiny-sd")
+    assert sd.vae.dtype == torch.float32
+    seen, hooks = _conv_output_dtypes(sd.vae.encoder)
+    x = Groups.of(image_set([(64, 64)]), torch.device("cpu"), torch.float32).parts[0].requires_grad_(True)
+    text = torch.zeros(1, 77, sd.text_encoder.config.hidden_size)
+    try:
+        if name == "simac":
+            method._grad(sd, text, x, torch.tensor([500]))
+        elif name == "dladiff":
+            loss = method.denoising(sd, sd.unet, text, x, method.draw(sd, x))
+            loss.backward()
+        else:
+            loss = method.loss(sd, sd.unet, x, text, method.draw(sd, x))
+            loss.backward()
+    finally:
+        for h in hooks:
+            h.remove()
+    assert seen and set(seen) == {torch.bfloat16}

@@ -5,6 +5,7 @@ from cloak.diffusion.loss import (
     LatentCache,
     denoising_loss,
     encode_latents,
+    encode_latents_in_loss,
     encode_prompts,
     sample_noise,
     sample_timesteps,
@@ -13,6 +14,6 @@ from cloak.diffusion.loss import (
 
 __all__ = [
     "Draw",
-    "LatentCache", "denoising_loss", "encode_latents", "encode_prompts", "sample_noise", "sample_timesteps",
-    "training_target",
+    "LatentCache", "denoising_loss", "encode_latents", "encode_latents_in_loss", "encode_prompts", "sample_noise",
+    "sample_timesteps", "training_target",
 ]

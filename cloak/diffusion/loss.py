@@ -44,6 +44,27 @@ def encode_latents(vae, pixels: torch.Tensor, generator: torch.Generator | None 
     return z * vae.config.scaling_factor
 
 
+def encode_latents_in_loss(vae, pixels: torch.Tensor, run_dtype: torch.dtype | None = None, *,
+                           posterior_noise: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`encode_latents` as part of a loss that ∇ₓ flows through: under the same autocast as the UNet
+    that reads the latents (cloak.diffusion.precision), and back in fp32.
+
+    On CUDA the default run keeps fp32 weights and computes in bf16 (ARCHITECTURE §7). The VAE encoder is
+    part of that compute: at 512² its forward is 1.1 TFLOP per image against the UNet's 0.8 (SD 2.1 shapes,
+    torch's FLOP counter), so in a PGD step, which also runs it backward, it is most of the work. Where no
+    autocast applies (fp32 on the CPU) or the VAE already holds low-precision weights (``--dtype bf16``),
+    this is :func:`encode_latents` itself, to the byte.
+    """
+    from cloak.diffusion.precision import autocast_dtype
+
+    compute = autocast_dtype(pixels.device, run_dtype)
+    if compute is None or vae.dtype != torch.float32:
+        return encode_latents(vae, pixels, posterior_noise=posterior_noise)
+    with torch.autocast(pixels.device.type, dtype=compute):
+        latents = encode_latents(vae, pixels, posterior_noise=posterior_noise)
+    return latents.float()
+
+
 @dataclass
 class Draw:
     """One Monte-Carlo draw of L_dn's randomness: timesteps, diffusion noise, posterior noise."""

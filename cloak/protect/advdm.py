@@ -16,7 +16,7 @@ import torch
 from pydantic import Field
 
 from cloak.adversarial.per_image import ImageStreams, per_image_pgd
-from cloak.diffusion import denoising_loss, encode_latents, encode_prompts
+from cloak.diffusion import denoising_loss, encode_latents_in_loss, encode_prompts
 from cloak.diffusion.dreambooth import autocast_for
 from cloak.io.images import ImageSet
 from cloak.protect.base import BudgetOptions, ProtectMethod, ProtectResult
@@ -61,7 +61,7 @@ class AdvDM(ProtectMethod):
 
         def objective(x: torch.Tensor, streams: ImageStreams) -> torch.Tensor:
             draw = streams.draw(latent_shape, sd.noise_scheduler, x.device)
-            latents = encode_latents(sd.vae, x, posterior_noise=draw.posterior_noise)
+            latents = encode_latents_in_loss(sd.vae, x, posterior_noise=draw.posterior_noise)
             with autocast_for(latents.device):
                 # Per-image losses: the sum's gradient w.r.t. image i is that image's alone.
                 return denoising_loss(sd.unet, sd.noise_scheduler, latents, text.to(latents.dtype), ctx.generator,

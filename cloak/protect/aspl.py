@@ -32,7 +32,9 @@ from pydantic import Field, field_validator
 from cloak.adversarial import pgd_step
 from cloak.adversarial.groups import (Groups, candidate_values, center_crop, loss_and_grad, loss_value,
                                      row_chunks, square_crops)
-from cloak.diffusion import Draw, LatentCache, encode_latents, encode_prompts, sample_noise, training_target
+from cloak.diffusion import (
+    Draw, LatentCache, encode_latents, encode_latents_in_loss, encode_prompts, sample_noise, training_target,
+)
 from cloak.diffusion.class_images import class_images
 from cloak.diffusion.dreambooth import DreamBoothConfig, DreamBoothTrainer, autocast_for
 from cloak.diffusion.lora_surrogate import LoraSurrogateOptions
@@ -500,7 +502,7 @@ class Aspl(ProtectMethod):
         draw's images stacked candidate-major, each on the same draw, and the loss comes back per candidate."""
         if copies > 1:
             draw = draw.repeat(copies)
-        latents = encode_latents(sd.vae, pixels, posterior_noise=draw.posterior_noise)
+        latents = encode_latents_in_loss(sd.vae, pixels, self.ctx.dtype, posterior_noise=draw.posterior_noise)
         scheduler = sd.noise_scheduler
         n = latents.shape[0]
         dt = next(unet.parameters()).dtype  # bf16 under --compat (weights trained in bf16, as released)

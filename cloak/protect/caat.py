@@ -23,7 +23,7 @@ from pydantic import Field
 
 from cloak.adversarial import pgd_step
 from cloak.adversarial.groups import Groups, loss_and_grad
-from cloak.diffusion import Draw, denoising_loss, encode_latents, encode_prompts
+from cloak.diffusion import Draw, denoising_loss, encode_latents_in_loss, encode_prompts
 from cloak.diffusion.cross_kv import TrainableCrossKV
 from cloak.diffusion.dreambooth import DreamBoothConfig, make_adamw
 from cloak.diffusion.precision import PIXEL_DTYPE, autocast_for
@@ -103,7 +103,7 @@ class Caat(ProtectMethod):
 
         def loss_fn(pixels, bucket: int, rows: slice | None = None) -> torch.Tensor:
             draw = draws[bucket] if rows is None else draws[bucket].rows(rows)
-            latents = encode_latents(sd.vae, pixels, posterior_noise=draw.posterior_noise)
+            latents = encode_latents_in_loss(sd.vae, pixels, ctx.dtype, posterior_noise=draw.posterior_noise)
             with autocast_for(latents.device, ctx.dtype):
                 return denoising_loss(sd.unet, scheduler, latents, text, ctx.generator, timesteps=draw.timesteps,
                                       noise=draw.noise.to(latents.dtype))

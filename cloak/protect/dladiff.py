@@ -34,7 +34,7 @@ from pydantic import Field, field_validator
 from cloak.adversarial import pgd_step, to_m11
 from cloak.adversarial.groups import Groups, center_crop, loss_and_grad, row_chunks, square_crops
 from cloak.adversarial.identity import IdentityLoss, Region, square_box
-from cloak.diffusion import Draw, LatentCache, denoising_loss, encode_latents, encode_prompts
+from cloak.diffusion import Draw, LatentCache, denoising_loss, encode_latents_in_loss, encode_prompts
 from cloak.diffusion.attention import CrossAttentionRecorder, default_resolution
 from cloak.diffusion.class_images import class_images
 from cloak.diffusion.dreambooth import DreamBoothConfig, DreamBoothTrainer, autocast_for
@@ -269,7 +269,7 @@ class DLADiff(ProtectMethod):
         return Draw.sample(x.shape[0], shape, sd.noise_scheduler, self.ctx.generator, x.device)
 
     def denoising(self, sd, unet, text, pixels: torch.Tensor, draw: Draw) -> torch.Tensor:
-        latents = encode_latents(sd.vae, pixels, posterior_noise=draw.posterior_noise)
+        latents = encode_latents_in_loss(sd.vae, pixels, self.ctx.dtype, posterior_noise=draw.posterior_noise)
         dt = next(unet.parameters()).dtype  # bf16 under --compat (surrogate weights trained in bf16, as released)
         with autocast_for(latents.device, self.ctx.dtype):
             return denoising_loss(unet, sd.noise_scheduler, latents.to(dt), text.to(dt), self.ctx.generator,

@@ -25,7 +25,9 @@ from pydantic import Field
 
 from cloak.adversarial import pgd_step
 from cloak.adversarial.groups import Groups
-from cloak.diffusion import Draw, LatentCache, denoising_loss, encode_latents, encode_prompts, sample_noise
+from cloak.diffusion import (
+    Draw, LatentCache, denoising_loss, encode_latents_in_loss, encode_prompts, sample_noise,
+)
 from cloak.diffusion.dreambooth import autocast_for
 from cloak.diffusion.lora_surrogate import LoraSurrogateOptions
 from cloak.diffusion.loss import tile_rows
@@ -166,7 +168,7 @@ class Simac(Aspl):
         x = x.detach().requires_grad_(True)
         d = Draw.sample(x.shape[0], self.latent_shape(sd, x), sd.noise_scheduler, self.ctx.generator, x.device,
                         timesteps=timesteps.to(x.device))
-        latents = encode_latents(sd.vae, x, posterior_noise=d.posterior_noise)
+        latents = encode_latents_in_loss(sd.vae, x, self.ctx.dtype, posterior_noise=d.posterior_noise)
         with autocast_for(latents.device, self.ctx.dtype):
             per_image = denoising_loss(sd.unet, sd.noise_scheduler, latents, text.to(latents.dtype),
                                        self.ctx.generator, timesteps=d.timesteps, noise=d.noise, reduction="none")
