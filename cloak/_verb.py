@@ -143,7 +143,7 @@ class VerbRun:
         self.claim = claim_output(output) if output is not None else None
         try:
             if inputs is not None:
-                input_files(inputs)
+                input_files(inputs, exclude=output)
         except BaseException:
             self.release()
             raise

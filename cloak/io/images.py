@@ -36,17 +36,21 @@ def natural_key(text: str) -> list:
     return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", text)]
 
 
-def list_images(root: Path, recursive: bool = True) -> list[Path]:
-    """Image files under ``root`` in natural order; hidden files and folders are skipped."""
+def list_images(root: Path, recursive: bool = True, exclude: Path | None = None) -> list[Path]:
+    """Image files under ``root`` in natural order; hidden files and folders are skipped, and so is the folder
+    ``exclude`` (a run's output folder inside its input folder: its outputs must not be read back as inputs on
+    the next run, which would nest out/out/... one level deeper each time)."""
     root = Path(root)
     if root.is_file():
         return [root]
     if not root.is_dir():
         raise InputError(f"input directory {root} does not exist")
     found = []
+    skip = _resolved(exclude) if exclude is not None else None
     walker = os.walk(root) if recursive else [(str(root), [], os.listdir(root))]
     for dirpath, dirnames, filenames in walker:
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")
+                       and (skip is None or _resolved(Path(dirpath) / d) != skip)]
         for name in filenames:
             if name.startswith(".") or name == "report.json":
                 continue
@@ -56,21 +60,30 @@ def list_images(root: Path, recursive: bool = True) -> list[Path]:
     return sorted(found, key=lambda p: natural_key(str(p.relative_to(root))))
 
 
+def _resolved(path: Path) -> Path | None:
+    try:
+        return Path(path).resolve()
+    except OSError:
+        return None
+
+
 STDIN = "-"
 # (the stdin object, what it listed): the object itself is kept so that a later stream cannot pass for it
 # (an id() can be reused once an object is freed).
 _stdin_listing: tuple[object, list[Path], Path] | None = None
 
 
-def input_files(root: Path | str) -> tuple[list[Path], Path]:
+def input_files(root: Path | str, exclude: Path | str | None = None) -> tuple[list[Path], Path]:
     """The image files an INPUT argument names, and the folder their output names are relative to.
 
     ``-`` reads one path per line from standard input (``find shoot/ -name '*.jpg' | cloak protect - out/``):
     files are taken in the order given (a listed folder contributes its images in natural order), and the
     output names keep each file's path below the listed files' common folder, so two ``img.jpg`` from
     different folders stay apart. Standard input is read once per process; later calls get the same list.
+    ``exclude``: the run's output folder, never listed as input (:func:`list_images`).
     """
-    files, base = _files_from_stdin() if str(root) == STDIN else (list_images(Path(root)), names_base(root))
+    files, base = _files_from_stdin() if str(root) == STDIN else (list_images(Path(root), exclude=exclude),
+                                                                    names_base(root))
     refuse_same_output_name(files, base)
     return files, base
 
@@ -365,6 +378,7 @@ def read_images(
     fit: str = "crop",
     mixed: bool = False,
     grid: int = 64,
+    exclude: Path | str | None = None,
 ) -> ImageSet:
     """Read a directory (or an explicit list of files) into an ImageSet.
 
@@ -377,7 +391,7 @@ def read_images(
     """
     import torch
 
-    files, base = (paths, names_base(root)) if paths is not None else input_files(root)
+    files, base = (paths, names_base(root)) if paths is not None else input_files(root, exclude)
     root = Path(root)
     if not files:
         raise InputError(f"no images found in {root} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")

@@ -67,7 +67,8 @@ def run_protect(input_dir, output_dir, *, ref: str | None = None, eps: float | s
     resolution = run.model_resolution() if run.method_cls.needs_model(opts) or run.resolution_flag else None
     ctx.resolution = resolution or 0
     grid = latent_grid(run) if resolution is not None else 8
-    images = read_images(input_dir, resolution, keep_going=common.keep_going, fit=fit_mode, grid=grid, mixed=True)
+    images = read_images(input_dir, resolution, keep_going=common.keep_going, fit=fit_mode, grid=grid, mixed=True,
+                         exclude=output_dir)
     for path, error in images.failures:
         run.add_item({"input": str(path), "status": "failed", "error": error})
     done = check_output_dir(output_dir, images.names, force=common.force, resume=common.resume)

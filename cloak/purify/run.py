@@ -19,11 +19,18 @@ def run_purify(input_dir, output_dir, *, common: Common | None = None, **kwargs)
     common = run.common
     opts, opts_record = run.options()
     keep_metadata = run.flag("keep_metadata", common.keep_metadata)
-    files, base = input_files(input_dir)
+    files, base = input_files(input_dir, exclude=output_dir)
     if not files:
         raise InputError(f"no images found in {input_dir}")
     names = [str(p.relative_to(base).with_suffix("")) for p in files]
     done = set(check_output_dir(output_dir, names, force=common.force, resume=common.resume))
+    if not common.keep_going:
+        # An unreadable input stops the run before anything is written, as protect's does: otherwise the
+        # images before it are left in OUTPUT with no report.json, and the rerun trips over them. Decoding
+        # twice costs far less than any purifier.
+        for path, name in zip(files, names):
+            if name not in done:
+                load_pil(path)
     ctx = run.context()
     method = run.method_cls(opts, ctx)
     resolution = int(run.resolution_flag) if run.resolution_flag else None
