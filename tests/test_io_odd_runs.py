@@ -47,3 +47,61 @@ def test_purify_stops_at_a_broken_input_before_writing_anything(cli, tmp_path):
     (folder / "zz.png").unlink()
     r = cli("purify", "-q", "--method", "jpeg", folder, out)
     assert r.exit_code == 0, r.stderr
+
+
+def _cutout(path, size=(48, 40)):
+    """An RGBA photo-like image whose left third is fully transparent and a band half transparent."""
+    rng = np.random.default_rng(3)
+    rgb = np.asarray(Image.fromarray(rng.integers(0, 255, (4, 4, 3), dtype=np.uint8)).resize(size, Image.BICUBIC))
+    alpha = np.full(size[::-1], 255, np.uint8)
+    alpha[:, : size[0] // 3] = 0
+    alpha[:5] = 128
+    Image.fromarray(np.dstack([rgb, alpha]), "RGBA").save(path)
+    return alpha
+
+
+def test_purify_keeps_transparency_and_reports_the_conversion(cli, tmp_path):
+    """An RGBA cut-out came back as an opaque RGB image on white, and the report did not say so."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    alpha = _cutout(folder / "cut.png")
+    Image.fromarray(np.zeros((20, 30), np.uint8)).save(folder / "grey.png")
+    out = tmp_path / "out"
+    r = cli("purify", "-q", "--method", "jpeg", folder, out)
+    assert r.exit_code == 0, r.stderr
+    written = Image.open(out / "cut.png")
+    assert written.mode == "RGBA" and written.size == (48, 40)
+    assert np.array_equal(np.asarray(written)[..., 3], alpha)
+    items = {i["input"].rsplit("/", 1)[-1]: i for i in json.loads((out / "report.json").read_text())["items"]}
+    assert items["cut.png"]["input_mode"] == "RGBA" and items["cut.png"]["output_mode"] == "RGBA"
+    assert any("composited on white" in n for n in items["cut.png"]["conversion"])
+    assert items["grey.png"]["input_mode"] == "L" and items["grey.png"]["output_mode"] == "RGB"
+    assert Image.open(out / "grey.png").mode == "RGB"
+
+
+def test_protect_keeps_transparency_at_native_size(cli, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    alpha = _cutout(folder / "cut.png", size=(70, 50))
+    out = tmp_path / "out"
+    r = cli("protect", "-q", "--method", "advdm", "--tiny", "--effort", "0.01", folder, out)
+    assert r.exit_code == 0, r.stderr
+    written = Image.open(out / "cut.png")
+    assert written.mode == "RGBA" and written.size == (70, 50)
+    assert np.array_equal(np.asarray(written)[..., 3], alpha)
+    item = json.loads((out / "report.json").read_text())["items"][0]
+    assert item["input_mode"] == "RGBA" and item["output_mode"] == "RGBA"
+
+
+def test_animated_input_warns_that_only_the_first_frame_is_used(cli, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    frames = [Image.new("RGB", (32, 32), c) for c in ((200, 10, 10), (10, 200, 10), (10, 10, 200))]
+    frames[0].save(folder / "anim.gif", save_all=True, append_images=frames[1:], duration=50)
+    out = tmp_path / "out"
+    r = cli("purify", "--method", "jpeg", folder, out)
+    assert r.exit_code == 0, r.stderr
+    assert "only the first frame" in r.stderr and str(folder / "anim.gif") in r.stderr
+    report = json.loads((out / "report.json").read_text())
+    assert any("first frame" in w for w in report["warnings"])
+    assert any("first of 3 frames" in n for n in report["items"][0]["conversion"])

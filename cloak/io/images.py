@@ -258,13 +258,79 @@ def load_pil(path: Path) -> Image.Image:
             source_format = img.format
             img = ImageOps.exif_transpose(img)
             img = _scale_to_8bit(img, source_format)
-            if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info):
+            if _has_transparency(img):
                 rgba = img.convert("RGBA")
                 background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
                 img = Image.alpha_composite(background, rgba)
             return img.convert("RGB")
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
         raise InputError(f"cannot read image {path}: {exc}") from None
+
+
+GREY_MODES = ("1", "L", "LA", "La", "I", "F")
+ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+def _has_transparency(img: Image.Image) -> bool:
+    return img.mode in ALPHA_MODES or (img.mode in ("P", "L", "RGB") and "transparency" in img.info)
+
+
+def read_notes(path: Path) -> dict:
+    """What reading a file as 8-bit RGB changed about it, for its report item (empty for plain 8-bit RGB).
+
+    ``input_mode`` is Pillow's mode of the file; ``conversion`` lists each change in words: colour space,
+    greyscale read as RGB (the output is RGB: a protection's perturbation uses all three channels),
+    samples over 8 bits scaled down, transparency composited on white, frames after the first not read.
+    Only the header is read.
+    """
+    try:
+        with Image.open(path) as img:
+            mode, frames = img.mode, getattr(img, "n_frames", 1)
+            rawmode = img.tile[0].args if img.tile else ""
+            rawmode = rawmode[0] if isinstance(rawmode, tuple) and rawmode else rawmode
+            transparent = _has_transparency(img)
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+        return {}
+    notes = []
+    if mode in GREY_MODES or mode.startswith("I;16"):
+        notes.append("greyscale read as RGB (R = G = B)")
+    elif mode == "P":
+        notes.append("palette colours read as RGB")
+    elif mode not in ("RGB", "RGBA", "RGBa"):
+        notes.append(f"{mode} converted to RGB")
+    if mode.startswith("I;16") or mode in ("I", "F") or (isinstance(rawmode, str) and ";16" in rawmode):
+        notes.append("samples of more than 8 bits scaled to 8 bits")
+    if transparent:
+        notes.append("transparent pixels' colours composited on white")
+    if frames > 1:
+        notes.append(f"first of {frames} frames read; the others are not in the output")
+    return {"input_mode": mode, "conversion": notes} if notes else {}
+
+
+def multi_frame_warning(paths: list[Path]) -> str | None:
+    """A run warning for animated or multi-page inputs: only their first frame is read and written (each item's
+    ``conversion`` says so too), which a user should not find out by opening the output."""
+    multi = [str(p) for p in paths if any("frames" in n for n in read_notes(p).get("conversion", []))]
+    if not multi:
+        return None
+    return (f"{len(multi)} input(s) hold several frames (e.g. {multi[0]}); only the first frame of each was read "
+            f"and written")
+
+
+def source_alpha(path: Path) -> np.ndarray | None:
+    """The file's alpha channel, upright (EXIF orientation applied), as a uint8 H×W array, or None when the
+    file has no transparency or every pixel is opaque. Outputs keep it: a cut-out portrait stays a cut-out,
+    not a white box (the colours under it are the white-composited ones the method saw)."""
+    try:
+        with Image.open(path) as img:
+            if not _has_transparency(img):
+                return None
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            alpha = np.asarray(img.convert("RGBA").getchannel("A"), dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise InputError(f"cannot read image {path}: {exc}") from None
+    return None if alpha.min() == 255 else alpha
 
 
 def _scale_to_8bit(img: Image.Image, source_format: str | None) -> Image.Image:
@@ -462,8 +528,10 @@ def source_metadata(path: Path) -> dict:
     return kwargs
 
 
-def write_png(path: Path, pixels, *, force: bool = False, metadata: dict | None = None) -> Path:
-    """Write one image (a [-1,1] 3×H×W tensor or a uint8 H×W×3 array) atomically.
+def write_png(path: Path, pixels, *, force: bool = False, metadata: dict | None = None,
+              alpha: np.ndarray | None = None) -> Path:
+    """Write one image (a [-1,1] 3×H×W tensor or a uint8 H×W×3 array) atomically; with ``alpha`` (uint8 H×W,
+    from :func:`source_alpha`) as RGBA.
 
     Metadata-free unless ``metadata`` (from :func:`source_metadata`) is given. The file gets the umask's
     permissions; a full or read-only disk is :class:`~cloak.errors.OutputError` (exit 3) naming the path,
@@ -477,6 +545,10 @@ def write_png(path: Path, pixels, *, force: bool = False, metadata: dict | None 
     arr = pixels if isinstance(pixels, np.ndarray) else to_uint8(pixels)
     # A fresh Image carries no EXIF/GPS/text chunks: metadata is stripped by construction.
     image = Image.fromarray(np.ascontiguousarray(arr), "RGB")
+    if alpha is not None:
+        if alpha.shape != arr.shape[:2]:
+            raise ValueError(f"alpha of shape {alpha.shape} for an image of {arr.shape[:2]}")
+        image.putalpha(Image.fromarray(np.ascontiguousarray(alpha), "L"))
     return write_atomic(path, lambda fh: image.save(fh, format="PNG", **(metadata or {})))
 
 

@@ -11,7 +11,8 @@ def run_purify(input_dir, output_dir, *, common: Common | None = None, **kwargs)
     import torch
 
     from cloak.adversarial.per_image import per_item_generator, pixels_key
-    from cloak.io.images import fit, input_files, load_pil, output_path, pil_to_tensor, source_metadata, write_png
+    from cloak.io.images import (fit, input_files, load_pil, multi_frame_warning, output_path, pil_to_tensor,
+                                  read_notes, source_alpha, source_metadata, write_png)
     from cloak.purify import PURIFY
 
     run, input_dir, output_dir = image_run("purify", PURIFY, input_dir, output_dir, common, kwargs,
@@ -32,6 +33,8 @@ def run_purify(input_dir, output_dir, *, common: Common | None = None, **kwargs)
             if name not in done:
                 load_pil(path)
     ctx = run.context()
+    if warning := multi_frame_warning(files):
+        ctx.warn(warning)
     method = run.method_cls(opts, ctx)
     resolution = int(run.resolution_flag) if run.resolution_flag else None
     prepared = False
@@ -67,20 +70,26 @@ def run_purify(input_dir, output_dir, *, common: Common | None = None, **kwargs)
                 seconds = clock.seconds()
                 if y.shape != x.shape:
                     raise RuntimeError(f"{run.method_name} changed the image size {tuple(x.shape)} → {tuple(y.shape)}")
-                write_png(out, y[0], force=True, metadata=source_metadata(path) if keep_metadata else None)
+                alpha = source_alpha(path)  # kept, unless --resolution changed the size
+                if alpha is not None and alpha.shape != tuple(y.shape[-2:]):
+                    alpha = None
+                write_png(out, y[0], force=True, metadata=source_metadata(path) if keep_metadata else None,
+                          alpha=alpha)
             except InputError as exc:
                 if not common.keep_going:
                     raise
                 run.add_item({"input": str(path), "status": "failed", "error": str(exc)})
                 bar.advance(1)
                 continue
+            notes = read_notes(path)
+            source = {**notes, "output_mode": "RGBA" if alpha is not None else "RGB"} if notes else {}
             qx, qy = ((x + 1) * 127.5).round(), ((y + 1) * 127.5).round()
             mse = float(((qx - qy) / 255).pow(2).mean())
             run.add_item({"input": str(path), "output": str(out), "status": "ok", "seconds": seconds,
                           "psnr_to_input": round(10 * torch.log10(torch.tensor(1 / mse)).item(), 3) if mse else None,
                           "linf_255_to_input": float((qx - qy).abs().max()),
                           "lpips_to_input": lpips_to_input(qx / 127.5 - 1, qy / 127.5 - 1) if lpips_to_input else None,
-                          **getattr(method, "record", {})})
+                          **getattr(method, "record", {}), **source})
             bar.advance(1)
     timed = [i.seconds for i in run.items if i.status == "ok" and i.seconds is not None]
     summary = {
