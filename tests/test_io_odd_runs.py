@@ -105,3 +105,21 @@ def test_animated_input_warns_that_only_the_first_frame_is_used(cli, tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert any("first frame" in w for w in report["warnings"])
     assert any("first of 3 frames" in n for n in report["items"][0]["conversion"])
+
+
+def test_score_warns_about_images_without_a_same_named_reference(cli, tmp_path):
+    """Generated images with no same-named reference were 'ok' with null scores and a mean over the rest, and
+    nothing on the terminal said so."""
+    gen = write_images(tmp_path / "gen", n=3)
+    ref = write_images(tmp_path / "ref", n=2, seed=1)  # img0, img1: gen's img2 has no reference
+    r = cli("score", "--json", "--metric", "psnr,ssim", "--ref", ref, gen)
+    assert r.exit_code == 0, r.stderr
+    assert "1 of 3 images" in r.stderr and "img2" in r.stderr
+    report = json.loads(r.stdout)
+    assert any("no reference of the same name" in w for w in report["warnings"])
+    flagged = {i["input"].rsplit("/", 1)[-1]: i.get("unpaired", False) for i in report["items"]}
+    assert flagged == {"img0.png": False, "img1.png": False, "img2.png": True}
+    assert report["summary"]["metrics"]["psnr"]["n"] == 2
+    # All paired: no warning.
+    r = cli("score", "--metric", "psnr", "--ref", ref, ref)
+    assert r.exit_code == 0 and "no reference" not in r.stderr
