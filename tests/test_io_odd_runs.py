@@ -123,3 +123,27 @@ def test_score_warns_about_images_without_a_same_named_reference(cli, tmp_path):
     # All paired: no warning.
     r = cli("score", "--metric", "psnr", "--ref", ref, ref)
     assert r.exit_code == 0 and "no reference" not in r.stderr
+
+
+def test_keep_metadata_from_a_tiff_drops_its_pixel_layout_and_fixes_sizes(cli, tmp_path):
+    """--keep-metadata copied a TIFF's whole first IFD into the PNG: ImageWidth/ImageLength of the unrotated
+    image, strip offsets, compression... And a phone JPEG's PixelX/YDimension kept the unrotated size."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    exif[0x010F] = "TestCam"
+    photo.save(folder / "scan.tiff", exif=exif.tobytes())
+    exif.get_ifd(0x8769).update({0xA002: 60, 0xA003: 40})
+    photo.save(folder / "phone.jpg", exif=exif.tobytes(), quality=95)
+    out = tmp_path / "out"
+    assert cli("purify", "-q", "--method", "jpeg", "--keep-metadata", folder, out).exit_code == 0
+    with Image.open(out / "scan.png") as img:
+        assert img.size == (40, 60)
+        tags = img.getexif()
+        assert tags[0x010F] == "TestCam" and tags[0x0112] == 1
+        assert not {256, 257, 259, 273, 279} & set(tags)
+    with Image.open(out / "phone.png") as img:
+        assert img.size == (40, 60)
+        assert dict(img.getexif().get_ifd(0x8769)) == {0xA002: 40, 0xA003: 60}

@@ -492,13 +492,21 @@ def output_path(out_dir: Path, name: str) -> Path:
 
 
 EXIF_ORIENTATION = 0x0112
+# Tags that describe how a TIFF stores its pixels (a TIFF's EXIF is its own first IFD): copied into a PNG they
+# would claim the source's layout and size (ImageWidth/ImageLength of the unrotated image, strip offsets into
+# a file that is not there). Also XMP (700), which --keep-metadata does not keep from any format, and the ICC
+# profile tag (34675), kept as the PNG's own iCCP chunk instead.
+LAYOUT_TAGS = frozenset({256, 257, 258, 259, 262, 266, 273, 277, 278, 279, 284, 317, 320, 322, 323, 324, 325,
+                         330, 338, 339, 347, 513, 514, 700, 34675})
+EXIF_IFD, PIXEL_X_DIMENSION, PIXEL_Y_DIMENSION = 0x8769, 0xA002, 0xA003
 
 
 def source_metadata(path: Path) -> dict:
     """PNG save arguments that carry one source file's metadata over to its output (``--keep-metadata``).
 
     Kept: EXIF (GPS and camera tags included: the user asked for it) with Orientation reset to 1, because
-    the pixels were turned upright when read; the ICC colour profile; the resolution (dpi); PNG text
+    the pixels were turned upright when read (and the recorded pixel size made the upright one), less a
+    TIFF's pixel-layout tags (:data:`LAYOUT_TAGS`); the ICC colour profile; the resolution (dpi); PNG text
     chunks. Not kept: XMP, JPEG comments, EXIF thumbnails (they would show the unprotected picture).
     """
     from PIL import PngImagePlugin
@@ -508,12 +516,19 @@ def source_metadata(path: Path) -> dict:
             info = dict(img.info)
             exif = img.getexif()
             text = dict(getattr(img, "text", {}) or {})
+            upright = img.size[::-1] if exif.get(EXIF_ORIENTATION) in (5, 6, 7, 8) else img.size
+            sub_ifd = exif.get_ifd(EXIF_IFD) if EXIF_IFD in exif else {}
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise InputError(f"cannot read the metadata of {path}: {exc}") from None
     kwargs: dict = {}
+    for tag in LAYOUT_TAGS & set(exif):
+        del exif[tag]
     if len(exif):
         if EXIF_ORIENTATION in exif:
             exif[EXIF_ORIENTATION] = 1
+        if PIXEL_X_DIMENSION in sub_ifd or PIXEL_Y_DIMENSION in sub_ifd:
+            # The camera's pixel size of the unrotated image; the output is the upright photo.
+            sub_ifd[PIXEL_X_DIMENSION], sub_ifd[PIXEL_Y_DIMENSION] = upright
         exif_bytes = exif.tobytes()  # IFD0 (+ Exif/GPS sub-IFDs); the IFD1 thumbnail is not written
         kwargs["exif"] = exif_bytes
     if info.get("icc_profile"):
