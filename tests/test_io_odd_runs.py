@@ -147,3 +147,15 @@ def test_keep_metadata_from_a_tiff_drops_its_pixel_layout_and_fixes_sizes(cli, t
     with Image.open(out / "phone.png") as img:
         assert img.size == (40, 60)
         assert dict(img.getexif().get_ifd(0x8769)) == {0xA002: 40, 0xA003: 60}
+
+
+def test_output_that_is_a_broken_symlink_says_so(cli, tmp_path):
+    folder = write_images(tmp_path / "in", n=1)
+    out = tmp_path / "out"
+    out.symlink_to(tmp_path / "gone")
+    r = cli("purify", "--method", "jpeg", folder, out)
+    assert r.exit_code == 2, r.stderr
+    assert f"output {out} is a broken symbolic link" in r.stderr and str(tmp_path / "gone") in r.stderr
+    (tmp_path / "gone").mkdir()  # the link's target made: the run writes through the link
+    assert cli("purify", "-q", "--method", "jpeg", folder, out).exit_code == 0
+    assert (tmp_path / "gone" / "img0.png").is_file()
