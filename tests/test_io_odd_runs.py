@@ -159,3 +159,18 @@ def test_output_that_is_a_broken_symlink_says_so(cli, tmp_path):
     (tmp_path / "gone").mkdir()  # the link's target made: the run writes through the link
     assert cli("purify", "-q", "--method", "jpeg", folder, out).exit_code == 0
     assert (tmp_path / "gone" / "img0.png").is_file()
+
+
+def test_empty_file_and_dangling_link_say_what_they_are(cli, tmp_path):
+    """Pillow's words were 'cannot identify image file' for a 0-byte file and 'No such file or directory' for
+    a link that ls lists."""
+    for name, make, expected in (("empty", lambda p: p.write_bytes(b""), "empty file (0 bytes)"),
+                                 ("dangling", lambda p: p.symlink_to(tmp_path / "moved.png"),
+                                  f"broken symbolic link (to {tmp_path / 'moved.png'})")):
+        folder = tmp_path / name
+        folder.mkdir()
+        make(folder / "a.png")
+        r = cli("purify", "--method", "jpeg", folder, tmp_path / f"out-{name}")
+        assert r.exit_code == 3, r.stderr
+        assert f"cannot read image {folder / 'a.png'}: {expected}" in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr

@@ -264,7 +264,21 @@ def load_pil(path: Path) -> Image.Image:
                 img = Image.alpha_composite(background, rgba)
             return img.convert("RGB")
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise InputError(f"cannot read image {path}: {exc}") from None
+        raise InputError(f"cannot read image {path}: {_read_failure(path, exc)}") from None
+
+
+def _read_failure(path: Path, exc: Exception) -> str:
+    """Why a file could not be read, in the user's terms where Pillow's words mislead: a dangling link is
+    "No such file" though ``ls`` lists it, and an empty file "cannot identify image file"."""
+    path = Path(path)
+    if path.is_symlink() and not path.exists():
+        return f"broken symbolic link (to {os.readlink(path)})"
+    try:
+        if path.is_file() and path.stat().st_size == 0:
+            return "empty file (0 bytes)"
+    except OSError:
+        pass
+    return str(exc)
 
 
 GREY_MODES = ("1", "L", "LA", "La", "I", "F")
