@@ -174,3 +174,15 @@ def test_empty_file_and_dangling_link_say_what_they_are(cli, tmp_path):
         assert r.exit_code == 3, r.stderr
         assert f"cannot read image {folder / 'a.png'}: {expected}" in r.stderr, r.stderr
         assert "Traceback" not in r.stderr
+
+
+def test_infinite_effort_and_huge_seed_are_usage_errors(cli, tmp_path):
+    """--effort inf (or 1e308) and a seed past 64 bits ended in an OverflowError/ValueError, exit 1."""
+    folder = write_images(tmp_path / "in", n=1)
+    for flags, word in ((["--effort", "inf"], "--effort"), (["--effort", "1e308"], "--effort"),
+                        (["--seed", str(2**70)], "--seed")):
+        for verb in (["protect", "--method", "advdm", "--tiny"], ["purify", "--method", "jpeg"]):
+            r = cli(*verb, *flags, folder, tmp_path / "out")
+            assert r.exit_code == 2, (flags, verb, r.stderr)
+            assert r.stderr.startswith(f"error: {word} must"), r.stderr
+    assert cli("purify", "-q", "--method", "jpeg", "--seed", str(-(2**63)), folder, tmp_path / "out").exit_code == 0
