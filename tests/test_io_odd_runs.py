@@ -186,3 +186,24 @@ def test_infinite_effort_and_huge_seed_are_usage_errors(cli, tmp_path):
             assert r.exit_code == 2, (flags, verb, r.stderr)
             assert r.stderr.startswith(f"error: {word} must"), r.stderr
     assert cli("purify", "-q", "--method", "jpeg", "--seed", str(-(2**63)), folder, tmp_path / "out").exit_code == 0
+
+
+def test_jsonl_of_one_verb_is_the_input_of_the_next(cli, tmp_path, monkeypatch):
+    """STYLE's pipeline `cloak protect in out --jsonl | cloak purify - pur` failed: each JSON record was taken
+    for a path ('standard input line 1: {"input": ...} does not exist')."""
+    import io
+
+    folder = write_images(tmp_path / "in", n=2)
+    (folder / "broken.png").write_bytes(b"")
+    first = cli("purify", "--method", "jpeg", "--jsonl", "--keep-going", folder, tmp_path / "mid")
+    assert first.exit_code == 5  # the broken file: a failed record with no output, passed over below
+    assert len(first.stdout.splitlines()) == 3
+    monkeypatch.setattr("sys.stdin", io.StringIO(first.stdout))
+    r = cli("purify", "--method", "gaussian", "--json", "-", tmp_path / "pur")
+    assert r.exit_code == 0, r.stderr
+    assert sorted(i["input"] for i in json.loads(r.stdout)["items"]) == \
+        [str(tmp_path / "mid" / "img0.png"), str(tmp_path / "mid" / "img1.png")]
+    assert sorted(p.name for p in (tmp_path / "pur").glob("*.png")) == ["img0.png", "img1.png"]
+    monkeypatch.setattr("sys.stdin", io.StringIO('{"input": "x.png", "output": \n'))
+    r = cli("purify", "--method", "gaussian", "-", tmp_path / "pur2")
+    assert r.exit_code == 3 and "standard input line 1: neither a path nor a JSON record" in r.stderr, r.stderr

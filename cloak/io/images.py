@@ -13,6 +13,7 @@ written to a temporary name and renamed, never over an existing file without ``f
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -76,7 +77,8 @@ _stdin_listing: tuple[object, list[Path], Path] | None = None
 def input_files(root: Path | str, exclude: Path | str | None = None) -> tuple[list[Path], Path]:
     """The image files an INPUT argument names, and the folder their output names are relative to.
 
-    ``-`` reads one path per line from standard input (``find shoot/ -name '*.jpg' | cloak protect - out/``):
+    ``-`` reads one path per line from standard input (``find shoot/ -name '*.jpg' | cloak protect - out/``),
+    or the ``--jsonl`` records of an earlier verb (each record's ``output``; failed items have none):
     files are taken in the order given (a listed folder contributes its images in natural order), and the
     output names keep each file's path below the listed files' common folder, so two ``img.jpg`` from
     different folders stay apart. Standard input is read once per process; later calls get the same list.
@@ -126,6 +128,19 @@ def _files_from_stdin() -> tuple[list[Path], Path]:
     for number, line in enumerate(sys.stdin.read().splitlines(), 1):
         if not line.strip():
             continue
+        if line.lstrip().startswith("{"):
+            # A --jsonl record of an earlier verb (`cloak protect in out --jsonl | cloak purify - pur`): its output.
+            # A record without one (a failed item; the earlier verb has already said why) is passed over.
+            try:
+                record = json.loads(line)
+            except ValueError:
+                raise InputError(f"standard input line {number}: neither a path nor a JSON record: {line[:80]}") \
+                    from None
+            if not isinstance(record, dict):
+                raise InputError(f"standard input line {number}: a JSON record must be an object")
+            if not record.get("output"):
+                continue
+            line = str(record["output"])
         path = Path(line.rstrip("\r")).expanduser()
         if not path.exists():
             raise InputError(f"standard input line {number}: {path} does not exist")
