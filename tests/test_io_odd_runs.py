@@ -207,3 +207,24 @@ def test_jsonl_of_one_verb_is_the_input_of_the_next(cli, tmp_path, monkeypatch):
     monkeypatch.setattr("sys.stdin", io.StringIO('{"input": "x.png", "output": \n'))
     r = cli("purify", "--method", "gaussian", "-", tmp_path / "pur2")
     assert r.exit_code == 3 and "standard input line 1: neither a path nor a JSON record" in r.stderr, r.stderr
+
+
+def test_a_very_long_strip_keeps_a_bounded_working_copy(cli, tmp_path):
+    """A 4000×4 strip became a 64000×64 working copy under tiny-sd (6.8 GB, minutes; 512000×512 under SD):
+    the long side is now held at MAX_ASPECT × the resolution, the output is still the photo's own size."""
+    from cloak.io.images import MAX_ASPECT, working_copy
+
+    strip = Image.fromarray(np.random.default_rng(0).integers(0, 256, (4, 4000, 3), dtype=np.uint8))
+    arr, placement = working_copy(strip, 64, "keep", grid=64)
+    assert placement.work == (MAX_ASPECT * 64, 64) and arr.shape == (64, MAX_ASPECT * 64, 3)
+    # Up to MAX_ASPECT:1 the short side is the resolution, as before.
+    _, wide = working_copy(strip.resize((400, 100)), 64, "keep", grid=64)
+    assert wide.content == (256, 64)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    strip.save(folder / "strip.png")
+    out = tmp_path / "out"
+    r = cli("protect", "--method", "advdm", "--tiny", "--effort", "0.01", folder, out)
+    assert r.exit_code == 0, r.stderr
+    assert "longer than 4:1" in r.stderr and str(folder / "strip.png") in r.stderr
+    assert Image.open(out / "strip.png").size == (4000, 4)

@@ -404,14 +404,20 @@ def short_side_size(size: tuple[int, int], resolution: int) -> tuple[int, int]:
     return max(resolution, round(w * scale)), max(resolution, round(h * scale))
 
 
+# ``keep``: a working copy's long side is at most this many times the resolution (a 4:1 panorama still gets
+# the full resolution on its short side).
+MAX_ASPECT = 4
+
+
 def working_copy(img: Image.Image, resolution: int, fit_mode: str = "crop",
                  grid: int = 64) -> tuple[Image.Image | np.ndarray, Placement]:
     """The working copy of one (upright RGB) photo and where the photo sits in it.
 
     ``crop``: :func:`fit` (short side to ``resolution``, centre square); ``resize``: squashed to
-    ``resolution``²; ``keep``: short side to ``resolution``, then each side padded by reflection up to a
-    multiple of ``grid`` (the latent grid: 8 latent pixels × the VAE factor), half on each side. Returns a PIL
-    image, or a uint8 H×W×3 array for ``keep`` (padding is done in numpy).
+    ``resolution``²; ``keep``: short side to ``resolution`` (long side at most :data:`MAX_ASPECT` times it),
+    then each side padded by reflection up to a multiple of ``grid`` (the latent grid: 8 latent pixels × the
+    VAE factor), half on each side. Returns a PIL image, or a uint8 H×W×3 array for ``keep`` (padding is done
+    in numpy).
     """
     if fit_mode not in FITS:
         raise ValueError(f"unknown fit {fit_mode!r}; valid: {', '.join(FITS)}")
@@ -428,6 +434,11 @@ def working_copy(img: Image.Image, resolution: int, fit_mode: str = "crop",
         out = img if img.size == size else img.resize(size, Image.BICUBIC, reducing_gap=None)
         return out, Placement("resize", (w, h), size, size)
     nw, nh = short_side_size((w, h), resolution)
+    if max(nw, nh) > MAX_ASPECT * resolution:
+        # A 4000×4 strip would be a 320000×64 working copy (tens of GB through a UNet): past MAX_ASPECT the
+        # long side is held at MAX_ASPECT·resolution and the short side falls below the resolution.
+        scale = MAX_ASPECT * resolution / max(w, h)
+        nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
     if (nw, nh) != (w, h):
         img = img.resize((nw, nh), Image.BICUBIC, reducing_gap=None)
     ww, wh = round_up(nw, grid), round_up(nh, grid)

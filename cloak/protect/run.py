@@ -32,8 +32,8 @@ def run_protect(input_dir, output_dir, *, ref: str | None = None, eps: float | s
     import torch
 
     from cloak.adversarial import quantize_within_budget
-    from cloak.io.images import (FITS, load_pil, multi_frame_warning, output_path, read_images, read_notes,
-                                  source_alpha, source_metadata, write_png)
+    from cloak.io.images import (FITS, MAX_ASPECT, load_pil, multi_frame_warning, output_path, read_images,
+                                  read_notes, source_alpha, source_metadata, write_png)
     from cloak.protect import PROTECT
     from cloak.protect.base import per_image
     from cloak.protect.native import RESAMPLING, apply_native, figures, levels
@@ -74,6 +74,14 @@ def run_protect(input_dir, output_dir, *, ref: str | None = None, eps: float | s
         run.add_item({"input": str(path), "status": "failed", "error": error})
     if warning := multi_frame_warning([item.path for item in images.items]):
         ctx.warn(warning)
+    thin = [item for item in images.items if item.placement is not None and item.placement.fit == "keep"
+            and min(item.placement.content) < (resolution or 0)]
+    if thin:
+        p = thin[0].placement
+        ctx.warn(f"{len(thin)} image(s) longer than {MAX_ASPECT}:1 (e.g. {thin[0].path}, "
+                 f"{p.native[0]}×{p.native[1]}) are worked on at {p.content[0]}×{p.content[1]}, below the model's "
+                 f"{resolution} px on the short side, to keep the working copy's size bounded; --fit crop works on "
+                 f"their centre square instead")
     done = check_output_dir(output_dir, images.names, force=common.force, resume=common.resume)
     todo = list(range(len(images)))
     if done:
