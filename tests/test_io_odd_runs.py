@@ -228,3 +228,13 @@ def test_a_very_long_strip_keeps_a_bounded_working_copy(cli, tmp_path):
     assert r.exit_code == 0, r.stderr
     assert "longer than 4:1" in r.stderr and str(folder / "strip.png") in r.stderr
     assert Image.open(out / "strip.png").size == (4000, 4)
+
+
+def test_an_empty_metric_flag_is_a_usage_error(cli, tmp_path):
+    """--metric '' (an empty shell variable) fell back to the default metrics (fdfr, ism) and failed with exit 4
+    for a face model the user never asked for."""
+    gen = write_images(tmp_path / "gen", n=1)
+    for value in ("", ","):
+        r = cli("score", "--metric", value, "--ref", gen, gen)
+        assert r.exit_code == 2, r.stderr
+        assert "names no metric" in r.stderr
