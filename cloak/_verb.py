@@ -99,6 +99,9 @@ def _reproducible_cuda() -> None:
     torch.backends.cudnn.benchmark = False
 
 
+MAX_EFFORT = 1000.0
+
+
 class VerbRun:
     """Shared set-up of one verb invocation: config, models, context, report."""
 
@@ -120,9 +123,13 @@ class VerbRun:
         method_model = getattr(self.method_cls, "default_model", None)
         self.model = self.value("model", common.model, method_model or default_model)
         self.effort = float(self.value("effort", common.effort, 1.0))
-        if not self.effort > 0:
-            raise UsageError(f"--effort must be > 0, got {self.effort}")
+        # An upper bound too: --effort multiplies step counts, and inf (or 1e308) overflowed into a traceback.
+        if not 0 < self.effort <= MAX_EFFORT:
+            raise UsageError(f"--effort must be > 0 and at most {MAX_EFFORT:g} (a multiple of the method's own "
+                             f"step counts), got {self.effort}")
         self.seed = int(self.value("seed", common.seed, 0))
+        if not -(2**63) <= self.seed < 2**63:  # each item's stream is derived from the seed as a signed 64-bit int
+            raise UsageError(f"--seed must fit in a signed 64-bit integer, got {self.seed}")
         self.device_name = str(self.value("device", common.device, "auto"))
         dtype_name = str(self.value("dtype", common.dtype, "fp32"))
         if dtype_name not in DTYPES:
@@ -143,7 +150,7 @@ class VerbRun:
         self.claim = claim_output(output) if output is not None else None
         try:
             if inputs is not None:
-                input_files(inputs)
+                input_files(inputs, exclude=output)
         except BaseException:
             self.release()
             raise

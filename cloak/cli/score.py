@@ -102,6 +102,10 @@ def register(app: typer.Typer) -> None:
         from cloak.score.runner import score_run
 
         metrics = [m.strip() for item in (metric or []) for m in item.split(",") if m.strip()]
+        if metric and not metrics:  # --metric '' (an empty shell variable) must not quietly mean the defaults
+            from cloak.errors import UsageError
+
+            raise UsageError(f"--metric {metric[0]!r} names no metric", hint="`cloak methods score` lists them")
         c = common(tiny=tiny, seed=seed, device=device, option=option, keep_going=keep_going, config=config,
                    cache_dir=cache_dir, quiet=quiet, verbose=verbose, jsonl=jsonl)
         try:

@@ -13,6 +13,7 @@ written to a temporary name and renamed, never over an existing file without ``f
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -36,17 +37,21 @@ def natural_key(text: str) -> list:
     return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", text)]
 
 
-def list_images(root: Path, recursive: bool = True) -> list[Path]:
-    """Image files under ``root`` in natural order; hidden files and folders are skipped."""
+def list_images(root: Path, recursive: bool = True, exclude: Path | None = None) -> list[Path]:
+    """Image files under ``root`` in natural order; hidden files and folders are skipped, and so is the folder
+    ``exclude`` (a run's output folder inside its input folder: its outputs must not be read back as inputs on
+    the next run, which would nest out/out/... one level deeper each time)."""
     root = Path(root)
     if root.is_file():
         return [root]
     if not root.is_dir():
         raise InputError(f"input directory {root} does not exist")
     found = []
+    skip = _resolved(exclude) if exclude is not None else None
     walker = os.walk(root) if recursive else [(str(root), [], os.listdir(root))]
     for dirpath, dirnames, filenames in walker:
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")
+                       and (skip is None or _resolved(Path(dirpath) / d) != skip)]
         for name in filenames:
             if name.startswith(".") or name == "report.json":
                 continue
@@ -56,21 +61,31 @@ def list_images(root: Path, recursive: bool = True) -> list[Path]:
     return sorted(found, key=lambda p: natural_key(str(p.relative_to(root))))
 
 
+def _resolved(path: Path) -> Path | None:
+    try:
+        return Path(path).resolve()
+    except OSError:
+        return None
+
+
 STDIN = "-"
 # (the stdin object, what it listed): the object itself is kept so that a later stream cannot pass for it
 # (an id() can be reused once an object is freed).
 _stdin_listing: tuple[object, list[Path], Path] | None = None
 
 
-def input_files(root: Path | str) -> tuple[list[Path], Path]:
+def input_files(root: Path | str, exclude: Path | str | None = None) -> tuple[list[Path], Path]:
     """The image files an INPUT argument names, and the folder their output names are relative to.
 
-    ``-`` reads one path per line from standard input (``find shoot/ -name '*.jpg' | cloak protect - out/``):
+    ``-`` reads one path per line from standard input (``find shoot/ -name '*.jpg' | cloak protect - out/``),
+    or the ``--jsonl`` records of an earlier verb (each record's ``output``; failed items have none):
     files are taken in the order given (a listed folder contributes its images in natural order), and the
     output names keep each file's path below the listed files' common folder, so two ``img.jpg`` from
     different folders stay apart. Standard input is read once per process; later calls get the same list.
+    ``exclude``: the run's output folder, never listed as input (:func:`list_images`).
     """
-    files, base = _files_from_stdin() if str(root) == STDIN else (list_images(Path(root)), names_base(root))
+    files, base = _files_from_stdin() if str(root) == STDIN else (list_images(Path(root), exclude=exclude),
+                                                                    names_base(root))
     refuse_same_output_name(files, base)
     return files, base
 
@@ -113,6 +128,19 @@ def _files_from_stdin() -> tuple[list[Path], Path]:
     for number, line in enumerate(sys.stdin.read().splitlines(), 1):
         if not line.strip():
             continue
+        if line.lstrip().startswith("{"):
+            # A --jsonl record of an earlier verb (`cloak protect in out --jsonl | cloak purify - pur`): its output.
+            # A record without one (a failed item; the earlier verb has already said why) is passed over.
+            try:
+                record = json.loads(line)
+            except ValueError:
+                raise InputError(f"standard input line {number}: neither a path nor a JSON record: {line[:80]}") \
+                    from None
+            if not isinstance(record, dict):
+                raise InputError(f"standard input line {number}: a JSON record must be an object")
+            if not record.get("output"):
+                continue
+            line = str(record["output"])
         path = Path(line.rstrip("\r")).expanduser()
         if not path.exists():
             raise InputError(f"standard input line {number}: {path} does not exist")
@@ -245,13 +273,93 @@ def load_pil(path: Path) -> Image.Image:
             source_format = img.format
             img = ImageOps.exif_transpose(img)
             img = _scale_to_8bit(img, source_format)
-            if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info):
+            if _has_transparency(img):
                 rgba = img.convert("RGBA")
                 background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
                 img = Image.alpha_composite(background, rgba)
             return img.convert("RGB")
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise InputError(f"cannot read image {path}: {_read_failure(path, exc)}") from None
+
+
+def _read_failure(path: Path, exc: Exception) -> str:
+    """Why a file could not be read, in the user's terms where Pillow's words mislead: a dangling link is
+    "No such file" though ``ls`` lists it, and an empty file "cannot identify image file"."""
+    path = Path(path)
+    if path.is_symlink() and not path.exists():
+        return f"broken symbolic link (to {os.readlink(path)})"
+    try:
+        if path.is_file() and path.stat().st_size == 0:
+            return "empty file (0 bytes)"
+    except OSError:
+        pass
+    return str(exc)
+
+
+GREY_MODES = ("1", "L", "LA", "La", "I", "F")
+ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+def _has_transparency(img: Image.Image) -> bool:
+    return img.mode in ALPHA_MODES or (img.mode in ("P", "L", "RGB") and "transparency" in img.info)
+
+
+def read_notes(path: Path) -> dict:
+    """What reading a file as 8-bit RGB changed about it, for its report item (empty for plain 8-bit RGB).
+
+    ``input_mode`` is Pillow's mode of the file; ``conversion`` lists each change in words: colour space,
+    greyscale read as RGB (the output is RGB: a protection's perturbation uses all three channels),
+    samples over 8 bits scaled down, transparency composited on white, frames after the first not read.
+    Only the header is read.
+    """
+    try:
+        with Image.open(path) as img:
+            mode, frames = img.mode, getattr(img, "n_frames", 1)
+            rawmode = img.tile[0].args if img.tile else ""
+            rawmode = rawmode[0] if isinstance(rawmode, tuple) and rawmode else rawmode
+            transparent = _has_transparency(img)
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+        return {}
+    notes = []
+    if mode in GREY_MODES or mode.startswith("I;16"):
+        notes.append("greyscale read as RGB (R = G = B)")
+    elif mode == "P":
+        notes.append("palette colours read as RGB")
+    elif mode not in ("RGB", "RGBA", "RGBa"):
+        notes.append(f"{mode} converted to RGB")
+    if mode.startswith("I;16") or mode in ("I", "F") or (isinstance(rawmode, str) and ";16" in rawmode):
+        notes.append("samples of more than 8 bits scaled to 8 bits")
+    if transparent:
+        notes.append("transparent pixels' colours composited on white")
+    if frames > 1:
+        notes.append(f"first of {frames} frames read; the others are not in the output")
+    return {"input_mode": mode, "conversion": notes} if notes else {}
+
+
+def multi_frame_warning(paths: list[Path]) -> str | None:
+    """A run warning for animated or multi-page inputs: only their first frame is read and written (each item's
+    ``conversion`` says so too), which a user should not find out by opening the output."""
+    multi = [str(p) for p in paths if any("frames" in n for n in read_notes(p).get("conversion", []))]
+    if not multi:
+        return None
+    return (f"{len(multi)} input(s) hold several frames (e.g. {multi[0]}); only the first frame of each was read "
+            f"and written")
+
+
+def source_alpha(path: Path) -> np.ndarray | None:
+    """The file's alpha channel, upright (EXIF orientation applied), as a uint8 H×W array, or None when the
+    file has no transparency or every pixel is opaque. Outputs keep it: a cut-out portrait stays a cut-out,
+    not a white box (the colours under it are the white-composited ones the method saw)."""
+    try:
+        with Image.open(path) as img:
+            if not _has_transparency(img):
+                return None
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            alpha = np.asarray(img.convert("RGBA").getchannel("A"), dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
         raise InputError(f"cannot read image {path}: {exc}") from None
+    return None if alpha.min() == 255 else alpha
 
 
 def _scale_to_8bit(img: Image.Image, source_format: str | None) -> Image.Image:
@@ -296,14 +404,20 @@ def short_side_size(size: tuple[int, int], resolution: int) -> tuple[int, int]:
     return max(resolution, round(w * scale)), max(resolution, round(h * scale))
 
 
+# ``keep``: a working copy's long side is at most this many times the resolution (a 4:1 panorama still gets
+# the full resolution on its short side).
+MAX_ASPECT = 4
+
+
 def working_copy(img: Image.Image, resolution: int, fit_mode: str = "crop",
                  grid: int = 64) -> tuple[Image.Image | np.ndarray, Placement]:
     """The working copy of one (upright RGB) photo and where the photo sits in it.
 
     ``crop``: :func:`fit` (short side to ``resolution``, centre square); ``resize``: squashed to
-    ``resolution``²; ``keep``: short side to ``resolution``, then each side padded by reflection up to a
-    multiple of ``grid`` (the latent grid: 8 latent pixels × the VAE factor), half on each side. Returns a PIL
-    image, or a uint8 H×W×3 array for ``keep`` (padding is done in numpy).
+    ``resolution``²; ``keep``: short side to ``resolution`` (long side at most :data:`MAX_ASPECT` times it),
+    then each side padded by reflection up to a multiple of ``grid`` (the latent grid: 8 latent pixels × the
+    VAE factor), half on each side. Returns a PIL image, or a uint8 H×W×3 array for ``keep`` (padding is done
+    in numpy).
     """
     if fit_mode not in FITS:
         raise ValueError(f"unknown fit {fit_mode!r}; valid: {', '.join(FITS)}")
@@ -320,6 +434,11 @@ def working_copy(img: Image.Image, resolution: int, fit_mode: str = "crop",
         out = img if img.size == size else img.resize(size, Image.BICUBIC, reducing_gap=None)
         return out, Placement("resize", (w, h), size, size)
     nw, nh = short_side_size((w, h), resolution)
+    if max(nw, nh) > MAX_ASPECT * resolution:
+        # A 4000×4 strip would be a 320000×64 working copy (tens of GB through a UNet): past MAX_ASPECT the
+        # long side is held at MAX_ASPECT·resolution and the short side falls below the resolution.
+        scale = MAX_ASPECT * resolution / max(w, h)
+        nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
     if (nw, nh) != (w, h):
         img = img.resize((nw, nh), Image.BICUBIC, reducing_gap=None)
     ww, wh = round_up(nw, grid), round_up(nh, grid)
@@ -365,6 +484,7 @@ def read_images(
     fit: str = "crop",
     mixed: bool = False,
     grid: int = 64,
+    exclude: Path | str | None = None,
 ) -> ImageSet:
     """Read a directory (or an explicit list of files) into an ImageSet.
 
@@ -377,7 +497,7 @@ def read_images(
     """
     import torch
 
-    files, base = (paths, names_base(root)) if paths is not None else input_files(root)
+    files, base = (paths, names_base(root)) if paths is not None else input_files(root, exclude)
     root = Path(root)
     if not files:
         raise InputError(f"no images found in {root} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
@@ -412,13 +532,21 @@ def output_path(out_dir: Path, name: str) -> Path:
 
 
 EXIF_ORIENTATION = 0x0112
+# Tags that describe how a TIFF stores its pixels (a TIFF's EXIF is its own first IFD): copied into a PNG they
+# would claim the source's layout and size (ImageWidth/ImageLength of the unrotated image, strip offsets into
+# a file that is not there). Also XMP (700), which --keep-metadata does not keep from any format, and the ICC
+# profile tag (34675), kept as the PNG's own iCCP chunk instead.
+LAYOUT_TAGS = frozenset({256, 257, 258, 259, 262, 266, 273, 277, 278, 279, 284, 317, 320, 322, 323, 324, 325,
+                         330, 338, 339, 347, 513, 514, 700, 34675})
+EXIF_IFD, PIXEL_X_DIMENSION, PIXEL_Y_DIMENSION = 0x8769, 0xA002, 0xA003
 
 
 def source_metadata(path: Path) -> dict:
     """PNG save arguments that carry one source file's metadata over to its output (``--keep-metadata``).
 
     Kept: EXIF (GPS and camera tags included: the user asked for it) with Orientation reset to 1, because
-    the pixels were turned upright when read; the ICC colour profile; the resolution (dpi); PNG text
+    the pixels were turned upright when read (and the recorded pixel size made the upright one), less a
+    TIFF's pixel-layout tags (:data:`LAYOUT_TAGS`); the ICC colour profile; the resolution (dpi); PNG text
     chunks. Not kept: XMP, JPEG comments, EXIF thumbnails (they would show the unprotected picture).
     """
     from PIL import PngImagePlugin
@@ -428,12 +556,19 @@ def source_metadata(path: Path) -> dict:
             info = dict(img.info)
             exif = img.getexif()
             text = dict(getattr(img, "text", {}) or {})
+            upright = img.size[::-1] if exif.get(EXIF_ORIENTATION) in (5, 6, 7, 8) else img.size
+            sub_ifd = exif.get_ifd(EXIF_IFD) if EXIF_IFD in exif else {}
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise InputError(f"cannot read the metadata of {path}: {exc}") from None
     kwargs: dict = {}
+    for tag in LAYOUT_TAGS & set(exif):
+        del exif[tag]
     if len(exif):
         if EXIF_ORIENTATION in exif:
             exif[EXIF_ORIENTATION] = 1
+        if PIXEL_X_DIMENSION in sub_ifd or PIXEL_Y_DIMENSION in sub_ifd:
+            # The camera's pixel size of the unrotated image; the output is the upright photo.
+            sub_ifd[PIXEL_X_DIMENSION], sub_ifd[PIXEL_Y_DIMENSION] = upright
         exif_bytes = exif.tobytes()  # IFD0 (+ Exif/GPS sub-IFDs); the IFD1 thumbnail is not written
         kwargs["exif"] = exif_bytes
     if info.get("icc_profile"):
@@ -448,8 +583,10 @@ def source_metadata(path: Path) -> dict:
     return kwargs
 
 
-def write_png(path: Path, pixels, *, force: bool = False, metadata: dict | None = None) -> Path:
-    """Write one image (a [-1,1] 3×H×W tensor or a uint8 H×W×3 array) atomically.
+def write_png(path: Path, pixels, *, force: bool = False, metadata: dict | None = None,
+              alpha: np.ndarray | None = None) -> Path:
+    """Write one image (a [-1,1] 3×H×W tensor or a uint8 H×W×3 array) atomically; with ``alpha`` (uint8 H×W,
+    from :func:`source_alpha`) as RGBA.
 
     Metadata-free unless ``metadata`` (from :func:`source_metadata`) is given. The file gets the umask's
     permissions; a full or read-only disk is :class:`~cloak.errors.OutputError` (exit 3) naming the path,
@@ -463,6 +600,10 @@ def write_png(path: Path, pixels, *, force: bool = False, metadata: dict | None 
     arr = pixels if isinstance(pixels, np.ndarray) else to_uint8(pixels)
     # A fresh Image carries no EXIF/GPS/text chunks: metadata is stripped by construction.
     image = Image.fromarray(np.ascontiguousarray(arr), "RGB")
+    if alpha is not None:
+        if alpha.shape != arr.shape[:2]:
+            raise ValueError(f"alpha of shape {alpha.shape} for an image of {arr.shape[:2]}")
+        image.putalpha(Image.fromarray(np.ascontiguousarray(alpha), "L"))
     return write_atomic(path, lambda fh: image.save(fh, format="PNG", **(metadata or {})))
 
 

@@ -296,6 +296,9 @@ def claim_output(out_dir: Path | str, *, started: float | None = None) -> Output
     started = time.time() if started is None else started
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"output {out_dir} exists and is not a directory")
+    if out_dir.is_symlink() and not out_dir.exists():  # mkdir would fail with a bare "File exists"
+        raise UsageError(f"output {out_dir} is a broken symbolic link (to {os.readlink(out_dir)})",
+                         hint="create the folder it points to, or give another output folder")
     created = not out_dir.exists()
     try:
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -32,7 +32,8 @@ def run_protect(input_dir, output_dir, *, ref: str | None = None, eps: float | s
     import torch
 
     from cloak.adversarial import quantize_within_budget
-    from cloak.io.images import FITS, load_pil, output_path, read_images, source_metadata, write_png
+    from cloak.io.images import (FITS, MAX_ASPECT, load_pil, multi_frame_warning, output_path, read_images,
+                                  read_notes, source_alpha, source_metadata, write_png)
     from cloak.protect import PROTECT
     from cloak.protect.base import per_image
     from cloak.protect.native import RESAMPLING, apply_native, figures, levels
@@ -67,9 +68,20 @@ def run_protect(input_dir, output_dir, *, ref: str | None = None, eps: float | s
     resolution = run.model_resolution() if run.method_cls.needs_model(opts) or run.resolution_flag else None
     ctx.resolution = resolution or 0
     grid = latent_grid(run) if resolution is not None else 8
-    images = read_images(input_dir, resolution, keep_going=common.keep_going, fit=fit_mode, grid=grid, mixed=True)
+    images = read_images(input_dir, resolution, keep_going=common.keep_going, fit=fit_mode, grid=grid, mixed=True,
+                         exclude=output_dir)
     for path, error in images.failures:
         run.add_item({"input": str(path), "status": "failed", "error": error})
+    if warning := multi_frame_warning([item.path for item in images.items]):
+        ctx.warn(warning)
+    thin = [item for item in images.items if item.placement is not None and item.placement.fit == "keep"
+            and min(item.placement.content) < (resolution or 0)]
+    if thin:
+        p = thin[0].placement
+        ctx.warn(f"{len(thin)} image(s) longer than {MAX_ASPECT}:1 (e.g. {thin[0].path}, "
+                 f"{p.native[0]}×{p.native[1]}) are worked on at {p.content[0]}×{p.content[1]}, below the model's "
+                 f"{resolution} px on the short side, to keep the working copy's size bounded; --fit crop works on "
+                 f"their centre square instead")
     done = check_output_dir(output_dir, images.names, force=common.force, resume=common.resume)
     todo = list(range(len(images)))
     if done:
@@ -128,11 +140,18 @@ def run_protect(input_dir, output_dir, *, ref: str | None = None, eps: float | s
             if unchanged:  # an output equal to its input protects nothing: a failed item, not an ok one
                 run.add_item({"input": str(item.path), "status": "failed", "error": unchanged})
                 return
+            # The photo's transparency is kept (a square --fit crop output has no alpha that fits it).
+            alpha = source_alpha(item.path)
+            if alpha is not None and alpha.shape != arr.shape[:2]:
+                alpha = None
             path = write_png(output_path(output_dir, item.name), arr, force=True,
-                             metadata=source_metadata(item.path) if keep_metadata else None)
+                             metadata=source_metadata(item.path) if keep_metadata else None, alpha=alpha)
             written = np.asarray(load_pil(path), dtype=np.uint8)  # figures from the file as saved
             record = {"input": str(item.path), "output": str(path), "status": "ok", "seconds": round(seconds, 4),
                       **figures(written, reference)}
+            notes = read_notes(item.path)
+            if notes:
+                record.update(notes, output_mode="RGBA" if alpha is not None else "RGB")
             if item.placement is not None:
                 record.update(item.placement.record())
                 record["output_size"] = [int(written.shape[1]), int(written.shape[0])]

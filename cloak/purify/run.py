@@ -11,7 +11,8 @@ def run_purify(input_dir, output_dir, *, common: Common | None = None, **kwargs)
     import torch
 
     from cloak.adversarial.per_image import per_item_generator, pixels_key
-    from cloak.io.images import fit, input_files, load_pil, output_path, pil_to_tensor, source_metadata, write_png
+    from cloak.io.images import (fit, input_files, load_pil, multi_frame_warning, output_path, pil_to_tensor,
+                                  read_notes, source_alpha, source_metadata, write_png)
     from cloak.purify import PURIFY
 
     run, input_dir, output_dir = image_run("purify", PURIFY, input_dir, output_dir, common, kwargs,
@@ -19,12 +20,21 @@ def run_purify(input_dir, output_dir, *, common: Common | None = None, **kwargs)
     common = run.common
     opts, opts_record = run.options()
     keep_metadata = run.flag("keep_metadata", common.keep_metadata)
-    files, base = input_files(input_dir)
+    files, base = input_files(input_dir, exclude=output_dir)
     if not files:
         raise InputError(f"no images found in {input_dir}")
     names = [str(p.relative_to(base).with_suffix("")) for p in files]
     done = set(check_output_dir(output_dir, names, force=common.force, resume=common.resume))
+    if not common.keep_going:
+        # An unreadable input stops the run before anything is written, as protect's does: otherwise the
+        # images before it are left in OUTPUT with no report.json, and the rerun trips over them. Decoding
+        # twice costs far less than any purifier.
+        for path, name in zip(files, names):
+            if name not in done:
+                load_pil(path)
     ctx = run.context()
+    if warning := multi_frame_warning(files):
+        ctx.warn(warning)
     method = run.method_cls(opts, ctx)
     resolution = int(run.resolution_flag) if run.resolution_flag else None
     prepared = False
@@ -60,20 +70,26 @@ def run_purify(input_dir, output_dir, *, common: Common | None = None, **kwargs)
                 seconds = clock.seconds()
                 if y.shape != x.shape:
                     raise RuntimeError(f"{run.method_name} changed the image size {tuple(x.shape)} → {tuple(y.shape)}")
-                write_png(out, y[0], force=True, metadata=source_metadata(path) if keep_metadata else None)
+                alpha = source_alpha(path)  # kept, unless --resolution changed the size
+                if alpha is not None and alpha.shape != tuple(y.shape[-2:]):
+                    alpha = None
+                write_png(out, y[0], force=True, metadata=source_metadata(path) if keep_metadata else None,
+                          alpha=alpha)
             except InputError as exc:
                 if not common.keep_going:
                     raise
                 run.add_item({"input": str(path), "status": "failed", "error": str(exc)})
                 bar.advance(1)
                 continue
+            notes = read_notes(path)
+            source = {**notes, "output_mode": "RGBA" if alpha is not None else "RGB"} if notes else {}
             qx, qy = ((x + 1) * 127.5).round(), ((y + 1) * 127.5).round()
             mse = float(((qx - qy) / 255).pow(2).mean())
             run.add_item({"input": str(path), "output": str(out), "status": "ok", "seconds": seconds,
                           "psnr_to_input": round(10 * torch.log10(torch.tensor(1 / mse)).item(), 3) if mse else None,
                           "linf_255_to_input": float((qx - qy).abs().max()),
                           "lpips_to_input": lpips_to_input(qx / 127.5 - 1, qy / 127.5 - 1) if lpips_to_input else None,
-                          **getattr(method, "record", {})})
+                          **getattr(method, "record", {}), **source})
             bar.advance(1)
     timed = [i.seconds for i in run.items if i.status == "ok" and i.seconds is not None]
     summary = {

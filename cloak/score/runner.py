@@ -223,8 +223,15 @@ def score_run(generated_dir, *, ref: str | None, metrics: list[str] | None, fail
                 subject.table[name] = {**_stats(result),
                                        **({"extras": result.extras} if result.extras else {})}
                 bar.advance(1, status=f"{subject.name or ''} {name}".strip())
+            unpaired = _unpaired(subject, [n for n in metric_names if SCORE.get(n).mode == "FR"])
+            if unpaired:
+                ctx.warn(f"{len(unpaired)} of {len(subject.images)} images in {subject.gen_dir} have no reference "
+                         f"of the same name in {subject.ref_dir} (e.g. {unpaired[0]}): their paired metrics are "
+                         f"null and the means are over the other images")
             for i, img in enumerate(subject.images):
                 record = {"input": img.path, "status": "ok", "scores": {n: subject.values[n][i] for n in metric_names}}
+                if img.name in unpaired:
+                    record["unpaired"] = True
                 if i in subject.errors:
                     record.update(status="failed", error="; ".join(dict.fromkeys(subject.errors[i])))
                 if subject.name is not None:
@@ -285,6 +292,17 @@ def score_run(generated_dir, *, ref: str | None, metrics: list[str] | None, fail
         exc.report = report
         raise exc
     return report
+
+
+def _unpaired(subject: Subject, paired_metrics: list[str]) -> list[str]:
+    """Names of the subject's images that a paired (FR) metric found no reference for: a mean over a subset
+    must not pass silently for a mean over the set."""
+    from cloak.score.base import pair_by_name
+
+    if not paired_metrics or not subject.ref:
+        return []
+    pairs = pair_by_name(subject.images, subject.ref, paired_metrics[0])
+    return [img.name for img, ref in zip(subject.images, pairs) if ref is None]
 
 
 # The backend whose cosine scale ISM gate thresholds (e.g. 'ism>0.35', the papers' ArcFace numbers) are written on.
