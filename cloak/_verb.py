@@ -7,6 +7,7 @@ and hands it items as they finish; the report it makes is the verb's ``report.js
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -120,8 +121,10 @@ class VerbRun:
         method_model = getattr(self.method_cls, "default_model", None)
         self.model = self.value("model", common.model, method_model or default_model)
         self.effort = float(self.value("effort", common.effort, 1.0))
-        if not self.effort > 0:
-            raise UsageError(f"--effort must be > 0, got {self.effort}")
+        # inf (or 1e400, which parses as inf) would pass "> 0" and crash minutes later turning a scaled
+        # step count into an int; refuse it up front like 0 or nan.
+        if not (self.effort > 0 and math.isfinite(self.effort)):
+            raise UsageError(f"--effort must be a finite number > 0, got {self.effort}")
         self.seed = int(self.value("seed", common.seed, 0))
         self.device_name = str(self.value("device", common.device, "auto"))
         dtype_name = str(self.value("dtype", common.dtype, "fp32"))
