@@ -100,6 +100,17 @@ def _reproducible_cuda() -> None:
     torch.backends.cudnn.benchmark = False
 
 
+def _number(flag: str, value: Any, kind: type) -> Any:
+    """``value`` as ``kind``; the Python API passes whatever it is given (``seed="x"``, ``effort="abc"``),
+    which must be a usage error naming the argument, not a bare ValueError from ``int()``."""
+    if isinstance(value, bool) or (kind is int and isinstance(value, float) and not value.is_integer()):
+        raise UsageError(f"--{flag} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"--{flag} must be {'an integer' if kind is int else 'a number'}, got {value!r}") from None
+
+
 class VerbRun:
     """Shared set-up of one verb invocation: config, models, context, report."""
 
@@ -120,12 +131,12 @@ class VerbRun:
         # A method may name its own base model (PhotoGuard: sd15, Mist: sd14); the verb's default otherwise.
         method_model = getattr(self.method_cls, "default_model", None)
         self.model = self.value("model", common.model, method_model or default_model)
-        self.effort = float(self.value("effort", common.effort, 1.0))
+        self.effort = _number("effort", self.value("effort", common.effort, 1.0), float)
         # inf (or 1e400, which parses as inf) would pass "> 0" and crash minutes later turning a scaled
         # step count into an int; refuse it up front like 0 or nan.
         if not (self.effort > 0 and math.isfinite(self.effort)):
             raise UsageError(f"--effort must be a finite number > 0, got {self.effort}")
-        self.seed = int(self.value("seed", common.seed, 0))
+        self.seed = _number("seed", self.value("seed", common.seed, 0), int)
         self.device_name = str(self.value("device", common.device, "auto"))
         dtype_name = str(self.value("dtype", common.dtype, "fp32"))
         if dtype_name not in DTYPES:
