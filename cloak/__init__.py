@@ -57,7 +57,7 @@ def _known(verb: str, api_fn: Callable, run_fn: Callable, rest: dict[str, Any]) 
     from dataclasses import fields
 
     from cloak._verb import Common
-    from cloak.errors import UsageError
+    from cloak.errors import UnknownArgumentError
     from cloak.registry import suggest
 
     def named(fn) -> set[str]:
@@ -68,7 +68,7 @@ def _known(verb: str, api_fn: Callable, run_fn: Callable, rest: dict[str, Any]) 
     for key in rest:
         if key not in accepted:
             valid = sorted((named(api_fn) | accepted | {f.name for f in fields(Common)}) - {"common", "argv"})
-            raise UsageError(f"cloak.{verb}(): unknown argument {key!r}{suggest(key, valid)}")
+            raise UnknownArgumentError(f"cloak.{verb}(): unknown argument {key!r}{suggest(key, valid)}")
     return rest
 
 

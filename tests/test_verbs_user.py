@@ -86,6 +86,7 @@ def test_api_misspelt_keyword_is_a_usage_error_not_ignored(image_dir, tmp_path, 
     with pytest.raises(UsageError, match="unknown argument") as info:
         call(cloak, image_dir, tmp_path / "out")
     assert info.value.exit_code == 2
+    assert isinstance(info.value, TypeError)  # what Python's own f(no_such=1) raises, for `except TypeError`
     assert not (tmp_path / "out").exists()  # refused before any output was claimed
 
 
