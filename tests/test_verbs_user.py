@@ -127,3 +127,21 @@ def test_api_has_eval_like_the_other_verbs(tmp_path):
     assert run.dry_run and "alice" in run.plan_text and "jpeg" in run.plan_text
     with pytest.raises(UsageError, match="cannot read plan"):
         cloak.eval(tmp_path / "missing.toml", tmp_path / "out2")
+
+
+# --- cloak eval ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("effort", ["-1", "0", "inf", "nan"])
+def test_eval_plan_with_a_bad_effort_is_exit_2_before_any_work(cli, tmp_path, effort):
+    # The help promises "a bad plan ... is exit 2 before any work"; effort = -1 or inf used to be planned
+    # ("work left ≈ inf model passes") and every cell then failed on its own, exit 5 after the run.
+    from conftest import write_images
+
+    write_images(tmp_path / "ids" / "alice" / "protect", n=1, size=(64, 64))
+    plan = tmp_path / "plan.toml"
+    plan.write_text('[data]\nidentities = "ids/*"\n[grid]\nprotect = ["none"]\npurify = ["jpeg"]\n'
+                    f'attack = ["dreambooth"]\nscore = ["brisque"]\n[common]\ntiny = true\neffort = {effort}\n')
+    r = cli("eval", plan, tmp_path / "out", "--dry-run")
+    assert r.exit_code == 2, r.stderr
+    assert "common.effort" in r.stderr and "finite number > 0" in r.stderr
