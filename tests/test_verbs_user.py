@@ -145,3 +145,23 @@ def test_eval_plan_with_a_bad_effort_is_exit_2_before_any_work(cli, tmp_path, ef
     r = cli("eval", plan, tmp_path / "out", "--dry-run")
     assert r.exit_code == 2, r.stderr
     assert "common.effort" in r.stderr and "finite number > 0" in r.stderr
+
+
+# --- cloak attack -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["input", "ref", "output", "inside-input", "parent-of-input"])
+def test_attack_save_model_never_replaces_the_photos_or_the_output(cli, tmp_path, where):
+    # `--force --save-model` rmtree's an existing model folder; pointed at the photos it deleted them.
+    from conftest import write_images
+
+    photos = write_images(tmp_path / "data" / "photos", n=2)
+    clean = write_images(tmp_path / "clean", n=2, seed=5)
+    out = tmp_path / "out"
+    target = {"input": photos, "ref": clean, "output": out, "inside-input": photos / "model",
+              "parent-of-input": tmp_path / "data"}[where]
+    before = sorted(p.name for p in photos.iterdir())
+    r = cli("attack", "--tiny", "--force", "--save-model", target, "--ref", clean, photos, out)
+    assert r.exit_code == 2, r.stderr
+    assert "--save-model" in r.stderr and "overlaps" in r.stderr
+    assert sorted(p.name for p in photos.iterdir()) == before and any(clean.iterdir())
