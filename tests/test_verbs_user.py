@@ -165,3 +165,18 @@ def test_attack_save_model_never_replaces_the_photos_or_the_output(cli, tmp_path
     assert r.exit_code == 2, r.stderr
     assert "--save-model" in r.stderr and "overlaps" in r.stderr
     assert sorted(p.name for p in photos.iterdir()) == before and any(clean.iterdir())
+
+
+# --- cloak immunize -----------------------------------------------------------------------------------------
+
+
+def test_immunize_output_that_holds_the_photos_is_refused(cli, tmp_path):
+    # With --force the old OUTPUT is renamed away and deleted after the run: the photos inside it went too.
+    from conftest import write_images
+
+    photos = write_images(tmp_path / "data" / "photos", n=2)
+    r = cli("immunize", "--tiny", "--force", "-o", "class_images=1", "-o", "iterations=1", "-o", "inner_steps=1",
+            photos, tmp_path / "data")
+    assert r.exit_code == 2, r.stderr
+    assert "holds the INPUT directory" in r.stderr
+    assert len(list(photos.iterdir())) == 2
