@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from os import PathLike
 
+    from cloak.eval import EvalRun
     from cloak.io.report import Report
 
 __version__ = "0.1.0"
@@ -44,6 +45,31 @@ def _split(run_kwargs: dict[str, Any], common_values: dict[str, Any]):
         values.pop("options", None)
     rest = {k: v for k, v in run_kwargs.items() if k not in names}
     return Common(**values), rest
+
+
+def _known(verb: str, api_fn: Callable, run_fn: Callable, rest: dict[str, Any]) -> dict[str, Any]:
+    """``rest`` if the verb's run function takes every key, else a UsageError naming the first it does not.
+
+    The run functions end in ``**kwargs`` that only feed a ``Common`` built when none is passed; the API
+    always passes one, so a misspelt keyword (``num_image=1``) used to be dropped without a word and the
+    run went on with the default (or, for score, died in a TypeError)."""
+    import inspect
+    from dataclasses import fields
+
+    from cloak._verb import Common
+    from cloak.errors import UnknownArgumentError
+    from cloak.registry import suggest
+
+    def named(fn) -> set[str]:
+        return {n for n, p in inspect.signature(fn).parameters.items()
+                if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+
+    accepted = named(run_fn) - {"common"}
+    for key in rest:
+        if key not in accepted:
+            valid = sorted((named(api_fn) | accepted | {f.name for f in fields(Common)}) - {"common", "argv"})
+            raise UnknownArgumentError(f"cloak.{verb}(): unknown argument {key!r}{suggest(key, valid)}")
+    return rest
 
 
 def _str(path) -> str | None:
@@ -86,6 +112,7 @@ def protect(input_dir: str | PathLike, output_dir: str | PathLike, *, method: st
                                        compat=compat, config=config, cache_dir=cache_dir, on_item=on_item))
     if class_dir is not None:
         common.class_dir = _str(class_dir)
+    _known("protect", protect, run_protect, rest)
     return run_protect(input_dir, output_dir, ref=_str(ref), eps=eps, eps_unit=eps_unit, force_budget=force_budget,
                        fit=fit, steps=steps, target_image=_str(target_image), common=common, **rest)
 
@@ -113,6 +140,7 @@ def immunize(input_dir: str | PathLike, output_dir: str | PathLike, *, method: s
     common, rest = _split(kwargs, dict(method=method, model=model, tiny=tiny, effort=effort, resolution=resolution,
                                        seed=seed, device=device, dtype=dtype, options=options, force=force,
                                        resume=resume, compat=compat, config=config, cache_dir=cache_dir))
+    _known("immunize", immunize, run_immunize, rest)
     return run_immunize(input_dir, output_dir, safe=_str(safe), checkpoint_every=checkpoint_every, common=common,
                         **rest)
 
@@ -140,6 +168,7 @@ def purify(input_dir: str | PathLike, output_dir: str | PathLike, *, method: str
                                        seed=seed, device=device, dtype=dtype, options=options, force=force,
                                        resume=resume, keep_going=keep_going, keep_metadata=keep_metadata,
                                        compat=compat, config=config, cache_dir=cache_dir, on_item=on_item))
+    _known("purify", purify, run_purify, rest)
     return run_purify(input_dir, output_dir, common=common, **rest)
 
 
@@ -172,6 +201,7 @@ def attack(input_dir: str | PathLike, output_dir: str | PathLike, *, method: str
                                        seed=seed, device=device, dtype=dtype, options=options, force=force,
                                        resume=resume, keep_going=keep_going, compat=compat, config=config,
                                        cache_dir=cache_dir, on_item=on_item))
+    _known("attack", attack, run_attack, rest)
     return run_attack(input_dir, output_dir, ref=_str(ref), prompts=prompts, num_images=num_images,
                       sample_steps=sample_steps, guidance=guidance, negative_prompt=negative_prompt, sampler=sampler,
                       save_model=_str(save_model), steps=steps, common=common, **rest)
@@ -204,9 +234,30 @@ def score(generated_dir: str | PathLike, *, ref: str | PathLike | None = None, m
 
     common, rest = _split(kwargs, dict(tiny=tiny, seed=seed, device=device, options=options, keep_going=keep_going,
                                        config=config, cache_dir=cache_dir, on_item=on_item))
+    _known("score", score, score_run, rest)
     return score_run(generated_dir, ref=_str(ref), metrics=metrics, fail_if=fail_if, report_path=_str(report_path),
                      per_subdir=per_subdir, sheet=_str(sheet), undefined=undefined, align=align, common=common,
                      **rest)
+
+
+def eval(plan: str | PathLike, output_dir: str | PathLike, *, executor: str = "local", dry_run: bool = False,
+         force: bool = False, ray_address: str | None = None, workers: int | None = None,
+         on_cell: Callable[[dict], None] | None = None) -> EvalRun:
+    """Run an evaluation PLAN (a TOML file: protections × purifications × attacks × identities, each cell
+    scored) into ``output_dir`` (``cloak eval``). Finished steps are kept, so calling it again resumes;
+    ``force=True`` redoes everything, ``dry_run=True`` only plans (``run.plan_text``).
+
+    Args:
+        executor: ``local`` (one process, models kept warm) or ``ray``; ``ray_address``, ``workers``: for ray.
+        on_cell: called with each cell's record as it finishes.
+
+    Returns the :class:`cloak.eval.EvalRun` (``run.cells``, ``run.files``); raises
+    :class:`cloak.errors.PartialFailure` (exit 5) after writing the results if a cell failed.
+    """
+    from cloak.eval import run_eval
+
+    return run_eval(plan, output_dir, executor=executor, dry_run=dry_run, force=force, on_cell=on_cell,
+                    ray_address=ray_address, workers=workers)
 
 
 # The verbs' functions share their names with the subpackages that hold each verb's methods
@@ -217,7 +268,7 @@ def score(generated_dir: str | PathLike, *, ref: str | PathLike | None = None, m
 import sys as _sys
 import types as _types
 
-_API = ("protect", "immunize", "purify", "attack", "score")
+_API = ("protect", "immunize", "purify", "attack", "score", "eval")
 
 
 class _Package(_types.ModuleType):

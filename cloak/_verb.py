@@ -7,6 +7,7 @@ and hands it items as they finish; the report it makes is the verb's ``report.js
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -102,6 +103,17 @@ def _reproducible_cuda() -> None:
 MAX_EFFORT = 1000.0
 
 
+def _number(flag: str, value: Any, kind: type) -> Any:
+    """``value`` as ``kind``; the Python API passes whatever it is given (``seed="x"``, ``effort="abc"``),
+    which must be a usage error naming the argument, not a bare ValueError from ``int()``."""
+    if isinstance(value, bool) or (kind is int and isinstance(value, float) and not value.is_integer()):
+        raise UsageError(f"--{flag} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"--{flag} must be {'an integer' if kind is int else 'a number'}, got {value!r}") from None
+
+
 class VerbRun:
     """Shared set-up of one verb invocation: config, models, context, report."""
 
@@ -122,12 +134,13 @@ class VerbRun:
         # A method may name its own base model (PhotoGuard: sd15, Mist: sd14); the verb's default otherwise.
         method_model = getattr(self.method_cls, "default_model", None)
         self.model = self.value("model", common.model, method_model or default_model)
-        self.effort = float(self.value("effort", common.effort, 1.0))
-        # An upper bound too: --effort multiplies step counts, and inf (or 1e308) overflowed into a traceback.
-        if not 0 < self.effort <= MAX_EFFORT:
-            raise UsageError(f"--effort must be > 0 and at most {MAX_EFFORT:g} (a multiple of the method's own "
-                             f"step counts), got {self.effort}")
-        self.seed = int(self.value("seed", common.seed, 0))
+        self.effort = _number("effort", self.value("effort", common.effort, 1.0), float)
+        # --effort multiplies step counts: inf (or 1e400, which parses as inf, or 1e308) would pass "> 0" and
+        # crash minutes later turning a scaled step count into an int; refuse it up front like 0 or nan.
+        if not (self.effort > 0 and math.isfinite(self.effort) and self.effort <= MAX_EFFORT):
+            raise UsageError(f"--effort must be a finite number > 0 and at most {MAX_EFFORT:g} (a multiple of the "
+                             f"method's own step counts), got {self.effort}")
+        self.seed = _number("seed", self.value("seed", common.seed, 0), int)
         if not -(2**63) <= self.seed < 2**63:  # each item's stream is derived from the seed as a signed 64-bit int
             raise UsageError(f"--seed must fit in a signed 64-bit integer, got {self.seed}")
         self.device_name = str(self.value("device", common.device, "auto"))

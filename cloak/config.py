@@ -16,6 +16,7 @@ method's options (through its ``Options``), every message naming the file and th
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -212,8 +213,8 @@ def _validate_verb(path: Path, verb: str, section: dict[str, Any]) -> None:
         if key == "method" and value not in methods:
             raise UsageError(f"{path}: {verb}.method = {value!r}: unknown {verb} method{suggest(value, methods)}; "
                              f"valid: {', '.join(methods)}")
-        if key == "effort" and not value > 0:
-            raise UsageError(f"{path}: {verb}.effort must be > 0, got {value}")
+        if key == "effort" and not (value > 0 and math.isfinite(value)):
+            raise UsageError(f"{path}: {verb}.effort must be a finite number > 0, got {value}")
     if verb == "protect" and "eps" in section:
         from cloak.adversarial.budget import parse_budget
 

@@ -26,6 +26,11 @@ class UsageError(CloakError):
     exit_code = 2
 
 
+class UnknownArgumentError(UsageError, TypeError):
+    """A keyword the Python API does not take: a UsageError like any bad flag, and a TypeError as Python's
+    own ``f(no_such=1)`` is, so either ``except`` catches it."""
+
+
 class InputError(CloakError):
     """A missing, unreadable or unsupported input file or directory (exit 3)."""
 

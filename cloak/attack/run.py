@@ -89,6 +89,16 @@ def run_attack(input_dir, output_dir, *, ref: str | None = None, prompts: list[s
     done = set(check_output_dir(gen_dir, planned, force=common.force, resume=common.resume))
     if save_model:
         run.params["save_model"] = {"value": str(save_model), "source": "flag"}
+        # --force replaces the model folder with rmtree: it must never be (or hold, or sit inside) the photos
+        # read or the run's OUTPUT; `--force --save-model photos/ photos/ out/` used to delete the photos.
+        target = Path(save_model).resolve()
+        for what, other in (("input", input_dir), ("--ref", ref), ("output", output_dir)):
+            if other is None or str(other) == "-":
+                continue
+            other = Path(other).resolve()
+            if target == other or target in other.parents or other in target.parents:
+                raise UsageError(f"--save-model {save_model} overlaps the {what} directory {other}; "
+                                 "keep the model in a folder of its own")
         if Path(save_model).exists() and any(Path(save_model).iterdir()):
             if not common.force:
                 raise OutputExistsError(f"model directory {save_model} exists and is not empty", hint="pass --force")

@@ -70,21 +70,43 @@ def list_models(cache_dir: CacheOpt = None, as_json: JsonOpt = False) -> None:
         _output.note(f"cache: {cache}")
         return
     from rich.console import Console
+    from rich.padding import Padding
     from rich.table import Table
     from rich.text import Text
 
-    # On a terminal the same rows as a table, instead of the TSV (not as well).
-    t = Table(show_edge=False)
-    for col in ("id", "status", "trust", "size", "licence", "description"):
-        t.add_column(col)
-    for r in rows:
-        lic = Text(r["licence"]) + (Text(" (NON-COMMERCIAL)", style="bold red") if r["non_commercial"] else Text())
-        t.add_row(Text(r["id"]), Text(r["status"]), Text(r["trust"]), Text(human_size(r["size_bytes"])), lic,
-                  Text(r["description"]))
-    Console(highlight=False, markup=False).print(t)
+    def licence(r) -> Text:
+        # Some catalog licences already say NON-COMMERCIAL (CodeFormer's); say it once, in red either way.
+        if not r["non_commercial"]:
+            return Text(r["licence"])
+        if "NON-COMMERCIAL" in r["licence"]:
+            return Text(r["licence"], style="bold red")
+        return Text(r["licence"]) + Text(" (NON-COMMERCIAL)", style="bold red")
+
+    console = Console(highlight=False, markup=False)
+    if console.width < _TABLE_MIN_WIDTH:
+        # A six-column table on a narrow terminal squeezes the ids to "sd21-sh…", and the id is what the
+        # user has to type next; one block per model keeps every id whole at any width.
+        for r in rows:
+            console.print(Text(r["id"], style="bold") + Text(f"  {r['status']}, {r['trust']}, "
+                                                            f"{human_size(r['size_bytes'])}"))
+            console.print(Padding(licence(r), (0, 0, 0, 2)))  # padded, so wrapped lines keep the indent
+            console.print(Padding(Text(r["description"]), (0, 0, 0, 2)))
+    else:
+        # On a terminal the same rows as a table, instead of the TSV (not as well).
+        t = Table(show_edge=False)
+        t.add_column("id", no_wrap=True, min_width=max(len(r["id"]) for r in rows))
+        for col in ("status", "trust", "size", "licence", "description"):
+            t.add_column(col)
+        for r in rows:
+            t.add_row(Text(r["id"]), Text(r["status"]), Text(r["trust"]), Text(human_size(r["size_bytes"])),
+                      licence(r), Text(r["description"]))
+        console.print(t)
     total = sum(r["size_bytes"] or 0 for r in rows)
     _output.note(f"cache: {cache} ({human_size(total)} in models)")
 
+
+# Below this many columns the table no longer fits the longest id next to five other columns.
+_TABLE_MIN_WIDTH = 110
 
 _CHECKSUM_WORDS = {"pinned": "pinned", "partial": "partly pinned, the rest recorded at pull",
                    "prefix": "sha256 prefix from the file name, full digest recorded at pull",
@@ -110,8 +132,14 @@ def pull(
     """Download models into the cache (checksums verified where pinned, recorded otherwise)."""
     from cloak.models.cache import pull as do_pull
 
+    from cloak.models.cache import spec_or_error
+
     cache = _cache(cache_dir)
     for model_id in ids:
+        spec = spec_or_error(model_id)
+        if spec.non_commercial:
+            # Said before the download starts, so nobody fetches weights they may not use without knowing.
+            _output.warning(f"{model_id} is under {spec.licence}: not for commercial use")
         path = do_pull(cache, model_id, progress=_output.note)
         _output.data(str(path))
 
@@ -137,6 +165,10 @@ def verify(
 
     cache = _cache(cache_dir)
     targets = ids or [i for i in CATALOG if is_complete(model_dir(cache, i))]
+    if not targets:
+        # Silence and exit 0 read as "all verified"; say that there was nothing to check.
+        _output.note(f"nothing to verify: no model is cached in {cache / 'models'}")
+        return
     bad, missing = 0, []
     for model_id in targets:
         spec = spec_or_error(model_id)

@@ -17,6 +17,7 @@ values every entry of that verb starts from.
 from __future__ import annotations
 
 import glob
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -184,6 +185,10 @@ def _check_type(where: str, value: Any, kind, problems: list[str]) -> bool:
     if not isinstance(value, kind):
         names = {str: "a string", bool: "true or false", int: "a whole number", (int, float): "a number"}
         problems.append(f"{where} = {value!r}: expected {names.get(kind, kind)}")
+        return False
+    if where.endswith(".effort") and not (value > 0 and math.isfinite(value)):
+        # Else the plan "runs": every cell then fails on the verb's own check (exit 5 after the work).
+        problems.append(f"{where} = {value!r}: must be a finite number > 0")
         return False
     return True
 

@@ -58,6 +58,14 @@ def run_immunize(input_dir, output_dir, *, safe: str | None = None, checkpoint_e
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     if same_dirs(input_dir, output_dir) or (safe is not None and same_dirs(Path(safe), output_dir)):
         raise UsageError("the output directory is an input directory; inputs are never modified")
+    # --force replaces OUTPUT as a whole (renamed away, then deleted): an OUTPUT that holds the photos
+    # (`cloak immunize --force data/photos data`) would take them with it.
+    for what, folder in (("INPUT", input_dir), ("--safe", safe)):
+        if folder is None or str(folder) == "-":
+            continue
+        if output_dir.resolve() in Path(folder).resolve().parents:
+            raise UsageError(f"the output directory {output_dir} holds the {what} directory {folder}; "
+                             "write the model to a folder of its own (inputs are never modified)")
     run = VerbRun("immunize", IMMUNIZE, common, default_method="apdm", default_model="sd15")
     opts, opts_record = run.options()
     every = int(run.value("checkpoint_every", checkpoint_every, DEFAULT_CHECKPOINT_EVERY))
