@@ -7,7 +7,6 @@ and hands it items as they finish; the report it makes is the verb's ``report.js
 from __future__ import annotations
 
 import logging
-import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from cloak._progress import Progress
-from cloak.config import Config, cache_dir as resolve_cache_dir, load_config
+from cloak.config import Config, cache_dir as resolve_cache_dir, effort_problem, load_config
 from cloak.errors import InputError, OutputExistsError, PartialFailure, UsageError
 from cloak.io.images import input_files
 from cloak.io.output import claim_output
@@ -100,9 +99,6 @@ def _reproducible_cuda() -> None:
     torch.backends.cudnn.benchmark = False
 
 
-MAX_EFFORT = 1000.0
-
-
 def _number(flag: str, value: Any, kind: type) -> Any:
     """``value`` as ``kind``; the Python API passes whatever it is given (``seed="x"``, ``effort="abc"``),
     which must be a usage error naming the argument, not a bare ValueError from ``int()``."""
@@ -135,11 +131,8 @@ class VerbRun:
         method_model = getattr(self.method_cls, "default_model", None)
         self.model = self.value("model", common.model, method_model or default_model)
         self.effort = _number("effort", self.value("effort", common.effort, 1.0), float)
-        # --effort multiplies step counts: inf (or 1e400, which parses as inf, or 1e308) would pass "> 0" and
-        # crash minutes later turning a scaled step count into an int; refuse it up front like 0 or nan.
-        if not (self.effort > 0 and math.isfinite(self.effort) and self.effort <= MAX_EFFORT):
-            raise UsageError(f"--effort must be a finite number > 0 and at most {MAX_EFFORT:g} (a multiple of the "
-                             f"method's own step counts), got {self.effort}")
+        if problem := effort_problem(self.effort):
+            raise UsageError(f"--effort {problem}")
         self.seed = _number("seed", self.value("seed", common.seed, 0), int)
         if not -(2**63) <= self.seed < 2**63:  # each item's stream is derived from the seed as a signed 64-bit int
             raise UsageError(f"--seed must fit in a signed 64-bit integer, got {self.seed}")

@@ -186,6 +186,19 @@ def _check_value(path: Path, dotted: str, key: str, value: Any, kind: str) -> No
                          f"valid: {', '.join(choices)}")
 
 
+# --effort multiplies a method's step counts: inf (or 1e400, which parses as inf) would pass "> 0" and crash
+# minutes later turning a scaled step count into an int, and anything past this bound runs for years.
+MAX_EFFORT = 1000.0
+
+
+def effort_problem(value: float) -> str | None:
+    """Why ``value`` is not a usable effort, or None; the flag, cloak.toml and eval plans all ask here."""
+    if value > 0 and math.isfinite(value) and value <= MAX_EFFORT:
+        return None
+    return f"must be a finite number > 0 and at most {MAX_EFFORT:g} (a multiple of the method's own step counts), " \
+           f"got {value}"
+
+
 def _validate_verb(path: Path, verb: str, section: dict[str, Any]) -> None:
     import importlib
 
@@ -213,8 +226,8 @@ def _validate_verb(path: Path, verb: str, section: dict[str, Any]) -> None:
         if key == "method" and value not in methods:
             raise UsageError(f"{path}: {verb}.method = {value!r}: unknown {verb} method{suggest(value, methods)}; "
                              f"valid: {', '.join(methods)}")
-        if key == "effort" and not (value > 0 and math.isfinite(value)):
-            raise UsageError(f"{path}: {verb}.effort must be a finite number > 0, got {value}")
+        if key == "effort" and (problem := effort_problem(value)):
+            raise UsageError(f"{path}: {verb}.effort {problem}")
     if verb == "protect" and "eps" in section:
         from cloak.adversarial.budget import parse_budget
 

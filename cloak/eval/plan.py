@@ -17,12 +17,12 @@ values every entry of that verb starts from.
 from __future__ import annotations
 
 import glob
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cloak.config import effort_problem
 from cloak.errors import UsageError
 
 VERBS = ("protect", "purify", "attack")
@@ -186,9 +186,9 @@ def _check_type(where: str, value: Any, kind, problems: list[str]) -> bool:
         names = {str: "a string", bool: "true or false", int: "a whole number", (int, float): "a number"}
         problems.append(f"{where} = {value!r}: expected {names.get(kind, kind)}")
         return False
-    if where.endswith(".effort") and not (value > 0 and math.isfinite(value)):
+    if where.endswith(".effort") and (problem := effort_problem(value)):
         # Else the plan "runs": every cell then fails on the verb's own check (exit 5 after the work).
-        problems.append(f"{where} = {value!r}: must be a finite number > 0")
+        problems.append(f"{where} = {value!r}: {problem}")
         return False
     return True
 
