@@ -135,7 +135,7 @@ def test_api_has_eval_like_the_other_verbs(tmp_path):
 @pytest.mark.parametrize("effort", ["-1", "0", "inf", "nan", "5000"])
 def test_eval_plan_with_a_bad_effort_is_exit_2_before_any_work(cli, tmp_path, effort):
     # The help promises "a bad plan ... is exit 2 before any work"; effort = -1, inf or past the verbs' bound (1000)
-    # used to be planned ("work left ≈ inf model passes") and every cell then failed on its own, exit 5 after the run.
+    # used to be planned ("work left ≈ inf model passes") and every cell then failed on its own: exit 5, after it.
     from conftest import write_images
 
     write_images(tmp_path / "ids" / "alice" / "protect", n=1, size=(64, 64))
